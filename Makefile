@@ -1,0 +1,55 @@
+# ict_scale: `make demo` trains the built-in demo on this machine; `make test` runs the test suite.
+# Both create a virtualenv (.venv) and install what they need. A CPU-only machine gets a CPU build of
+# torch; a user with their own (CUDA) torch can instead `pip install -e .` into their environment.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build installed when the venv has no torch yet. Where the default index serves CUDA builds, add
+# e.g. TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu".
+TORCH_SPEC ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+EXTRAS ?= dev,deepspeed
+PYTEST_ARGS ?=
+
+DATASET ?= synthetic
+SRC ?=
+OUT ?= shards/$(DATASET)
+SHARD_SIZE ?= 10000
+WORKERS ?= 0
+SPLIT ?= train
+
+.PHONY: install demo test shards ref-stats bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	# FID's Inception network; --no-deps because its torchvision requirement would replace torch with a CUDA build
+	$(PY) -m pip install -q --no-deps "torch-fidelity==0.4.0"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(PY) -m ict_scale.train configs/demo.yaml
+	@echo "Sample grids: runs/demo/samples/latest_1step.png and latest_2step.png (metrics in runs/demo/metrics.jsonl)"
+
+test: install
+	bash tests/run.sh $(PY) $(PYTEST_ARGS)
+
+shards: install
+	$(PY) -m data_prep.make_shards --dataset $(DATASET) $(if $(SRC),--src $(SRC)) --out $(OUT) \
+		--shard-size $(SHARD_SIZE) --split $(SPLIT) $(if $(filter-out 0,$(WORKERS)),--workers $(WORKERS))
+
+RES ?= 32
+ref-stats: install
+	$(PY) -m data_prep.ref_stats --data $(DATA) --out $(OUT) --resolution $(RES) $(if $(NUM),--num $(NUM))
+
+bench: install
+	$(PY) bench/data_throughput.py
+	$(PY) bench/fid_bench.py --num 64 --tiny --batch-per-rank 16 --iters 1
+
+clean:
+	rm -rf runs .pytest_cache

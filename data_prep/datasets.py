@@ -1,0 +1,186 @@
+"""Readers for the supported source layouts. Each returns a SampleSource: sizes, classes, and a way to
+cut a picklable per-shard payload that a worker process turns into (HWC uint8 image, label) pairs."""
+from __future__ import annotations
+
+import glob
+import io
+import os
+import pickle
+import re
+import tarfile
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from data_prep.preprocess import list_labelled_images, load_and_crop
+from ict_scale.data.synthetic import synthetic_images
+
+Rendered = Iterator[tuple[np.ndarray, int | None]]
+
+
+@dataclass
+class ArrayPayload:
+    """Channel-major rows (n, 3*R*R), as CIFAR-10 and downsampled ImageNet store them."""
+    rows: np.ndarray
+    labels: np.ndarray | None
+    resolution: int
+
+    def render(self) -> Rendered:
+        images = self.rows.reshape(-1, 3, self.resolution, self.resolution).transpose(0, 2, 3, 1)
+        for i, image in enumerate(images):
+            yield np.ascontiguousarray(image), (None if self.labels is None else int(self.labels[i]))
+
+
+@dataclass
+class FilePayload:
+    """Image files, decoded and ADM-cropped in the worker."""
+    paths: list[str]
+    labels: list[int] | None
+    resolution: int
+
+    def render(self) -> Rendered:
+        for i, path in enumerate(self.paths):
+            yield load_and_crop(path, self.resolution), (None if self.labels is None else self.labels[i])
+
+
+@dataclass
+class SyntheticPayload:
+    """Global indices of the procedural data set."""
+    indices: np.ndarray
+    seed: int
+    resolution: int
+    num_classes: int
+
+    def render(self) -> Rendered:
+        images, labels = synthetic_images(torch.from_numpy(self.indices), self.seed, self.resolution,
+                                          max(1, self.num_classes))
+        for image, label in zip(images.permute(0, 2, 3, 1).numpy(), labels.tolist()):
+            yield np.ascontiguousarray(image), (label if self.num_classes > 0 else None)
+
+
+@dataclass
+class SampleSource:
+    dataset: str
+    description: str
+    num_samples: int
+    resolution: int
+    num_classes: int                 # 0 = unlabelled
+    classes: list[str] | None        # class index -> name, written to classes.json
+    payload: Callable[[np.ndarray], object]  # source indices -> payload with .render()
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles CIFAR batches but refuses any class other than numpy arrays (pickle can run code)."""
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}")
+        return super().find_class(module, name)
+
+
+def _cifar_member(tar: tarfile.TarFile, src: str, name: str) -> dict:
+    try:
+        raw = tar.extractfile(f"cifar-10-batches-py/{name}").read()
+        return _ArrayUnpickler(io.BytesIO(raw), encoding="bytes").load()
+    except KeyError:
+        raise ValueError(f"{src}: no member cifar-10-batches-py/{name}; expected the official "
+                         "cifar-10-python.tar.gz") from None
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{src}: cifar-10-batches-py/{name}: {e}") from None
+
+
+def cifar10(src: str, split: str) -> SampleSource:
+    """The official cifar-10-python.tar.gz: pickled dicts with b'data' (N x 3072) and b'labels'."""
+    names = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
+    if split not in names:
+        raise ValueError(f"cifar10 --split must be train or test, got {split!r}")
+    rows, labels = [], []
+    with tarfile.open(src, "r:gz") as tar:
+        for name in names[split]:
+            batch = _cifar_member(tar, src, name)
+            data, lab = np.asarray(batch.get(b"data")), np.asarray(batch.get(b"labels"))
+            if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or lab.shape != (len(data),):
+                raise ValueError(f"{src}: {name}: expected b'data' uint8 (N, 3072) and N b'labels', got "
+                                 f"{data.dtype} {data.shape} and {lab.shape}")
+            if lab.min() < 0 or lab.max() > 9:
+                raise ValueError(f"{src}: {name}: labels must lie in 0..9, found {lab.min()}..{lab.max()}")
+            rows.append(data)
+            labels.append(lab.astype(np.int64))
+        meta = _cifar_member(tar, src, "batches.meta") if "cifar-10-batches-py/batches.meta" in tar.getnames() else {}
+    rows_all, labels_all = np.concatenate(rows), np.concatenate(labels)
+    classes = [n.decode() for n in meta.get(b"label_names", [])] or [str(i) for i in range(10)]
+    return SampleSource("cifar10", f"{os.path.basename(src)}:{split}", len(rows_all), 32, 10, classes,
+                        lambda idx: ArrayPayload(rows_all[idx], labels_all[idx], 32))
+
+
+def _npz_files(src: str, split: str) -> list[str]:
+    if os.path.isfile(src):
+        return [src]
+    if split == "train":
+        files = glob.glob(os.path.join(src, "Imagenet64_train_part*.npz"))
+        return sorted(files, key=lambda f: int(re.search(r"part(\d+)", os.path.basename(f)).group(1)))
+    if split == "val":
+        return glob.glob(os.path.join(src, "val_data.npz"))
+    raise ValueError(f"imagenet64 --split must be train or val, got {split!r}")
+
+
+def imagenet64_npz(files: list[str], description: str) -> SampleSource:
+    """Official downsampled ImageNet 64x64: npz with 'data' (N x 12288, channel-major) and 1-based 'labels'."""
+    parts, labels = [], []
+    for path in files:
+        with np.load(path, allow_pickle=False) as npz:
+            if "data" not in npz or "labels" not in npz:
+                raise ValueError(f"{path}: expected keys 'data' and 'labels', found {sorted(npz.keys())}")
+            data, lab = npz["data"], np.asarray(npz["labels"]).astype(np.int64).reshape(-1)
+        if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 12288 or len(lab) != len(data):
+            raise ValueError(f"{path}: expected 'data' uint8 (N, 12288) and N 'labels', got {data.dtype} "
+                             f"{data.shape} and {lab.shape}")
+        if lab.min() < 1 or lab.max() > 1000:
+            raise ValueError(f"{path}: 'labels' must be 1-based in 1..1000, found {lab.min()}..{lab.max()}")
+        parts.append(data)
+        labels.append(lab - 1)  # shards store 0-based labels
+    starts = np.cumsum([0] + [len(p) for p in parts])
+    labels_all = np.concatenate(labels)
+
+    def payload(idx: np.ndarray) -> ArrayPayload:
+        part = np.searchsorted(starts, idx, side="right") - 1
+        rows = np.empty((len(idx), 12288), dtype=np.uint8)
+        for p in np.unique(part):
+            rows[part == p] = parts[p][idx[part == p] - starts[p]]
+        return ArrayPayload(rows, labels_all[idx], 64)
+
+    classes = [f"official label {i + 1}" for i in range(1000)]
+    return SampleSource("imagenet64", description, int(starts[-1]), 64, 1000, classes, payload)
+
+
+def image_folder(src: str, resolution: int, dataset: str = "folder") -> SampleSource:
+    """Class sub-folders of images (labels = sorted folder names), or a folder of unlabelled images."""
+    paths, labels, classes = list_labelled_images(src)
+    labelled = classes is not None
+    return SampleSource(dataset, os.path.basename(os.path.normpath(src)), len(paths), resolution,
+                        len(classes) if labelled else 0, classes,
+                        lambda idx: FilePayload([paths[i] for i in idx],
+                                                [labels[i] for i in idx] if labelled else None, resolution))
+
+
+def imagenet64(src: str, split: str) -> SampleSource:
+    """Downsampled-ImageNet npz files, or a raw ImageNet folder (class sub-folders of JPEGs) -> 64x64 (ADM)."""
+    files = _npz_files(src, split)
+    if files:
+        return imagenet64_npz(files, f"{os.path.basename(os.path.normpath(src))}:{split}")
+    if os.path.isdir(src):
+        return image_folder(src, 64, dataset="imagenet64")
+    raise FileNotFoundError(f"{src}: neither Imagenet64 npz files for split {split!r} nor an image folder")
+
+
+def synthetic(num: int, num_classes: int, resolution: int, seed: int) -> SampleSource:
+    """The built-in procedural data set (ict_scale.data.synthetic), indices 0..num-1."""
+    if num <= 0:
+        raise ValueError(f"synthetic needs --num > 0, got {num}")
+    return SampleSource("synthetic", f"synthetic(seed={seed})", num, resolution, num_classes,
+                        [str(i) for i in range(num_classes)] or None,
+                        lambda idx: SyntheticPayload(np.asarray(idx, dtype=np.int64), seed, resolution, num_classes))

@@ -1,0 +1,86 @@
+"""`python -m data_prep.ref_stats --data SOURCE --out FILE`: FID reference statistics of a data set.
+
+SOURCE is anything `data.source` accepts (a manifest, a shard pattern or directory, local or s3://, or
+`synthetic`). The images pass through the same uint8 -> Inception pipeline and float64 reduction as the
+generated samples. Works on one process or under torchrun (each rank reads its share of the images).
+The output .npz holds mu, sigma, and meta (a JSON string: protocol, source, count); --keep-features
+also stores the features, which precision/recall needs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ict_scale.data import DataConfig, build_loader
+from ict_scale.eval import build_inception, save_ref_stats
+from ict_scale.eval.inception import WEIGHTS_SHA256
+from ict_scale.eval.data_stats import dataset_statistics
+from ict_scale.eval.runtime import init_distributed, shutdown_distributed
+from ict_scale.parallel import comm
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m data_prep.ref_stats", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True,
+                   help="data source: shards (manifest, pattern or directory; local or s3://) or synthetic")
+    p.add_argument("--out", required=True, help="output .npz (local path or fsspec URL)")
+    p.add_argument("--resolution", type=int, default=32, help="image side R (must match the shards)")
+    # Under torchrun write --num-samples: torchrun's parser takes '--num' for a prefix of its --numa-binding.
+    p.add_argument("--num", "--num-samples", dest="num", type=int,
+                   help="images to use: the first NUM of the unshuffled order (default: all; required for synthetic)")
+    p.add_argument("--num-classes", type=int, default=10, help="synthetic only: class count (changes the images)")
+    p.add_argument("--synthetic-seed", type=int, default=0, help="synthetic only: identity of the data set")
+    p.add_argument("--batch-per-rank", type=int, default=256)
+    p.add_argument("--workers", type=int, default=2, help="decoding worker processes per rank")
+    p.add_argument("--inception-weights", default="", help="path/URL of pt_inception-2015-12-05-6726825d.pth "
+                                                           "(default: $ICT_INCEPTION_WEIGHTS)")
+    p.add_argument("--inception-sha256", default=WEIGHTS_SHA256,
+                   help="expected sha256 of the weights file; '' accepts other weights (FIDs then not comparable)")
+    p.add_argument("--random-inception", type=int, metavar="SEED",
+                   help="seeded random Inception weights: for tests and timing only")
+    p.add_argument("--keep-features", action="store_true", help="also store the (N, 2048) features")
+    p.add_argument("--storage-options", default="{}", help="fsspec options as JSON (data and output)")
+    return p.parse_args(argv)
+
+
+def data_config(args, storage_options: dict) -> DataConfig:
+    """The training loader's config in evaluation order: no shuffle, no flip, no labels needed."""
+    synthetic = args.data == "synthetic"
+    return DataConfig(source=args.data, resolution=args.resolution, num_classes=args.num_classes if synthetic else 0,
+                      drop_labels=True, hflip=False, shuffle=False, num_workers=args.workers,
+                      storage_options=storage_options, synthetic_seed=args.synthetic_seed)
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    storage_options = json.loads(args.storage_options)
+    device = init_distributed()
+    try:
+        loader = build_loader(data_config(args, storage_options), batch_per_rank=args.batch_per_rank,
+                              rank=comm.get_rank(), world_size=comm.get_world_size(), seed=0)
+        num = args.num if args.num is not None else loader.epoch_size
+        if num < 2 or (loader.epoch_size and num > loader.epoch_size):
+            raise SystemExit(f"error: --num {num}: expected 2..{loader.epoch_size or 'any'} images of {args.data} "
+                             f"(synthetic data needs --num)")
+        features = build_inception(args.inception_weights, device, sha256=args.inception_sha256 or None,
+                                   storage_options=storage_options, random_seed=args.random_inception)
+        source = {"data": args.data, "num": num, "resolution": args.resolution, "fingerprint": loader.fingerprint,
+                  "order": "unshuffled, no flip"}
+        try:
+            mu, sigma, meta, feats = dataset_statistics(loader, features, num, source, args.keep_features)
+        finally:
+            loader.close()
+        if comm.get_rank() == 0:
+            save_ref_stats(args.out, mu, sigma, meta, feats, storage_options)
+            print(f"wrote {args.out}: {num} images of {args.data}, {meta['seconds']:.1f} s, "
+                  f"Inception weights {features.protocol['weights']}")
+        comm.barrier()  # the file exists before any rank exits
+    finally:
+        shutdown_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""Load a run's configuration: schema defaults <- YAML file(s) <- `key=value` overrides, all validated."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Iterable
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .schema import Config
+
+_ENUMS = {
+    "ict.metric": ("pseudo_huber", "l2"),
+    "ict.index_sampling": ("lognormal", "uniform"),
+    "ict.curriculum": ("doubling", "sqrt"),
+    "ict.teacher": ("student", "ema"),
+    "train.precision": ("auto", "bf16", "fp32"),
+    "parallel.backend": ("single", "ddp", "fsdp", "deepspeed"),
+}
+
+
+class ConfigError(ValueError):
+    """A configuration value or key that the schema does not accept."""
+
+
+def _is_section(node) -> bool:
+    """A dataclass-typed node (closed key set), as opposed to a free-form dict like storage_options."""
+    return OmegaConf.is_dict(node) and dataclasses.is_dataclass(OmegaConf.get_type(node))
+
+
+def _all_keys(node, prefix="") -> list[str]:
+    keys = []
+    for k in node.keys():
+        path = f"{prefix}{k}"
+        child = OmegaConf.select(node, str(k), throw_on_missing=False)
+        keys.append(path)
+        if _is_section(child):
+            keys += _all_keys(child, path + ".")
+    return keys
+
+
+def _check_keys(schema, values, source: str, prefix: str = "") -> None:
+    """Reject keys the schema does not declare, naming the closest valid ones."""
+    if not _is_section(schema):
+        return
+    for key, value in values.items():
+        path = f"{prefix}{key}"
+        valid = list(schema.keys())
+        if key not in valid:
+            close = difflib.get_close_matches(path, _all_keys(OmegaConf.structured(Config)), n=3, cutoff=0.5)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ConfigError(f"{source}: unknown config key '{path}'{hint} (valid keys under "
+                              f"'{prefix.rstrip('.') or '<root>'}': {', '.join(map(str, valid))})")
+        sub = schema[key]
+        if isinstance(value, dict) and _is_section(sub):
+            _check_keys(sub, value, source, path + ".")
+
+
+def _merge(base, values: dict, source: str):
+    _check_keys(base, values, source)
+    try:
+        return OmegaConf.merge(base, values)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        raise ConfigError(f"{source}: bad value for '{key}': {e.msg if hasattr(e, 'msg') else e}") from None
+
+
+def _parse_override(item: str) -> dict:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' is not of the form key=value (for example train.total_steps=1000)")
+    key, raw = item.split("=", 1)
+    value = _yaml_scalar(raw)
+    out: dict = {}
+    node = out
+    parts = key.strip().split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+    return out
+
+
+def _yaml_scalar(raw: str):
+    import yaml  # a dependency of omegaconf; gives YAML's typing of '1e-4', 'true', '[1,2]', 'null'
+    try:
+        return yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        return raw
+
+
+def load_config(paths: Iterable[str] = (), overrides: Iterable[str] = ()) -> Config:
+    """Merge YAML files then overrides over the schema defaults; validate enums and cross-field rules."""
+    cfg = OmegaConf.structured(Config)
+    for path in paths:
+        try:
+            values = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(values).__name__}")
+        cfg = _merge(cfg, values, path)
+    for item in overrides:
+        cfg = _merge(cfg, _parse_override(item), f"override '{item}'")
+    _validate(cfg)
+    return cfg
+
+
+def _validate(cfg) -> None:
+    for key, allowed in _ENUMS.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"'{key}' must be one of {', '.join(allowed)}; got {value!r}")
+    positive = ["train.total_steps", "train.batch_size", "train.batch_per_gpu", "train.log_every",
+                "train.ckpt_every", "train.keep_last", "ict.s0", "ict.s1"]
+    for key in positive:
+        if OmegaConf.select(cfg, key) <= 0:
+            raise ConfigError(f"'{key}' must be > 0; got {OmegaConf.select(cfg, key)}")
+    if not 0.0 <= cfg.train.ema_decay < 1.0:
+        raise ConfigError(f"'train.ema_decay' must be in [0, 1); got {cfg.train.ema_decay}")
+    if not 0 < cfg.ict.sigma_min < cfg.ict.sigma_max:
+        raise ConfigError(f"need 0 < ict.sigma_min < ict.sigma_max; got {cfg.ict.sigma_min}, {cfg.ict.sigma_max}")
+
+
+def to_yaml(cfg) -> str:
+    return OmegaConf.to_yaml(cfg)

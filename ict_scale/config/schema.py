@@ -1,0 +1,85 @@
+"""The typed configuration of a run. YAML files hold values only; every field is declared here.
+
+Each section is a dataclass; a field's comment is its documentation (shown by `--help-config`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from ict_scale.data.config import DataConfig
+from ict_scale.eval.config import EvalConfig
+from ict_scale.parallel.config import ParallelConfig
+
+
+@dataclass
+class ICTConfig:
+    """The iCT method's constants (Song & Dhariwal 2023); the defaults are the paper's."""
+    sigma_min: float = 0.002          # smallest noise level; f(x, sigma_min) = x
+    sigma_max: float = 80.0           # largest noise level, where one-step sampling starts
+    rho: float = 7.0                  # Karras discretisation exponent
+    sigma_data: float = 0.5           # data standard deviation used by c_skip/c_out/c_in
+    s0: int = 10                      # initial number of discretisation intervals
+    s1: int = 1280                    # final number of discretisation intervals
+    p_mean: float = -1.1              # mean of the lognormal noise-level distribution
+    p_std: float = 2.0                # std of the lognormal noise-level distribution
+    metric: str = "pseudo_huber"      # distance: pseudo_huber (iCT) | l2 (squared L2, original CT)
+    index_sampling: str = "lognormal"  # interval index distribution: lognormal (iCT) | uniform (CT)
+    curriculum: str = "doubling"      # N(k): doubling (iCT eq. 6) | sqrt (original CT)
+    teacher: str = "student"          # teacher weights: student (stop-grad, iCT) | ema (original CT)
+    teacher_ema_mu0: float = 0.9      # original CT's teacher EMA start rate (used when teacher=ema)
+
+
+@dataclass
+class ModelConfig:
+    """The backbone. Unset (null) fields take the named network's paper preset."""
+    name: str = "ncsnpp"                          # ncsnpp | ncsnpp_deep | adm | adm_deep
+    model_channels: Optional[int] = None          # base channel count
+    channel_mult: Optional[List[int]] = None      # per-resolution channel multipliers
+    num_blocks: Optional[int] = None              # residual blocks per resolution
+    attn_resolutions: Optional[List[int]] = None  # resolutions with self-attention
+    dropout: Optional[float] = None               # dropout probability (ADM: only at <= 16x16)
+
+
+@dataclass
+class OptimConfig:
+    """RAdam as in the paper: lr 1e-4, betas (0.9, 0.999), no weight decay, no warm-up, no clipping."""
+    lr: float = 1e-4                  # learning rate (constant)
+    beta1: float = 0.9                # RAdam beta1
+    beta2: float = 0.999              # RAdam beta2
+    eps: float = 1e-8                 # RAdam epsilon
+    weight_decay: float = 0.0         # decoupled weight decay (paper: 0)
+    foreach: bool = True              # multi-tensor update kernels
+
+
+@dataclass
+class TrainConfig:
+    """The training run: budget, batch, precision, EMA, schedule of logging and checkpoints."""
+    run_dir: str = "runs/demo"        # local path or s3:// URL; holds config, metrics, grids, checkpoints
+    total_steps: int = 400000         # K: total optimiser steps (sets the curriculum)
+    batch_size: int = 1024            # global batch per optimiser step (all ranks, all micro-batches)
+    batch_per_gpu: int = 128          # micro-batch per rank; accumulation = batch_size / (batch_per_gpu * world)
+    seed: int = 0                     # base seed; step k on rank r draws from (seed, r, k)
+    precision: str = "auto"           # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    ema_decay: float = 0.99993        # evaluation EMA decay per step
+    channels_last: bool = True        # NHWC memory format on CUDA
+    compile: bool = False             # torch.compile each block (per-block, so a graph break stays local)
+    log_every: int = 50               # steps between metrics.jsonl lines
+    grid_every: int = 5000            # steps between sample grids (0 = only at the end)
+    grid_num: int = 64                # images per sample grid
+    ckpt_every: int = 5000            # steps between checkpoints (one is also written at the end)
+    keep_last: int = 3                # complete checkpoints kept (older ones are deleted)
+    max_nonfinite_steps: int = 20     # stop after this many consecutive non-finite losses/grad norms
+    max_steps_this_run: int = 0       # stop (with a checkpoint) after this many steps in this process; 0 = no limit
+
+
+@dataclass
+class Config:
+    """A complete, resolved run description (written as config.yaml into every run directory)."""
+    ict: ICTConfig = field(default_factory=ICTConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)

@@ -1,0 +1,136 @@
+"""The resumable per-rank loader: a position in the global order, DataLoader workers, flips, counters.
+
+The loader's state is one integer, the number of samples of the global order consumed by all ranks
+together (global batches x global batch size). Every rank holds the same value, so rank 0's state is
+sufficient and may be loaded on any number of ranks with any number of workers.
+"""
+from __future__ import annotations
+
+import itertools
+from collections import Counter, deque
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from ict_scale.data.order import flip_mask, rank_positions
+
+STATE_VERSION = 1
+
+
+class RankStream(IterableDataset):
+    """This rank's batches from `start` on; worker w of n makes the rank's batches w, w+n, w+2n, ...
+
+    DataLoader returns worker outputs round-robin in worker order, so the main process sees the
+    rank's batches in sequence whatever the number of workers.
+    """
+
+    def __init__(self, producer, start: int, batch_per_rank: int, rank: int, world_size: int,
+                 seed: int, hflip: bool):
+        self.producer, self.start, self.batch_per_rank = producer, start, batch_per_rank
+        self.rank, self.world_size, self.seed, self.hflip = rank, world_size, seed, hflip
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        plans = _Remembering(rank_positions(self.start, j, self.batch_per_rank, self.rank, self.world_size)
+                             for j in itertools.count(worker, num_workers))
+        # The producer reads plans ahead (prefetch) but yields batches in plan order.
+        for images, labels in self.producer.run(plans):
+            positions = plans.handed.popleft()
+            if self.hflip:
+                # In numpy, in place: torch's indexed flip is slow on small uint8 batches.
+                pixels, flip = images.numpy(), flip_mask(positions, self.seed).numpy()
+                pixels[flip] = pixels[flip][..., ::-1]
+            # Cumulative counters ride along with every batch; the main process keeps the latest.
+            yield images, labels, dict(self.producer.skips), worker
+
+
+class _Remembering:
+    """An iterator of position arrays that remembers what it handed out and is not yet matched to a batch."""
+
+    def __init__(self, it):
+        self.it, self.handed = it, deque()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item = next(self.it)
+        self.handed.append(item)
+        return item
+
+
+class StreamingLoader:
+    """Infinite iterator of (uint8 images (B, 3, R, R), int64 labels (B,)) for one rank, resumable exactly."""
+
+    def __init__(self, producer, *, batch_per_rank: int, rank: int, world_size: int, seed: int,
+                 epoch_size: int, fingerprint: str, hflip: bool, num_workers: int,
+                 prefetch_batches: int = 2, worker_start_method: str = "", pin_memory: bool = False):
+        if not 0 <= rank < world_size or batch_per_rank <= 0:
+            raise ValueError(f"need 0 <= rank < world_size and batch_per_rank > 0, got rank={rank}, "
+                             f"world_size={world_size}, batch_per_rank={batch_per_rank}")
+        self.producer, self.batch_per_rank, self.rank, self.world_size = producer, batch_per_rank, rank, world_size
+        self.seed, self.epoch_size, self.fingerprint, self.hflip = seed, epoch_size, fingerprint, hflip
+        self.num_workers, self.prefetch_batches = num_workers, prefetch_batches
+        self.worker_start_method, self.pin_memory = worker_start_method, pin_memory
+        self.position = 0                      # samples of the global order consumed by all ranks
+        self._iterator = None
+        self._worker_skips: dict[int, dict] = {}
+        self._past_skips: Counter = Counter()  # counters of iterators already shut down
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_per_rank * self.world_size
+
+    def _start(self):
+        stream = RankStream(self.producer, self.position, self.batch_per_rank, self.rank, self.world_size,
+                            self.seed, self.hflip)
+        kwargs = {}
+        if self.num_workers > 0:
+            kwargs = dict(prefetch_factor=self.prefetch_batches,
+                          multiprocessing_context=self.worker_start_method or None)
+        loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers,
+                            pin_memory=self.pin_memory and torch.cuda.is_available(), **kwargs)
+        return iter(loader)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._iterator is None:
+            self._iterator = self._start()
+        images, labels, skips, worker = next(self._iterator)
+        self._worker_skips[worker] = skips
+        self.position += self.global_batch
+        return images, labels
+
+    def state_dict(self) -> dict:
+        """Identical on every rank: rank 0's copy is enough to resume any world size."""
+        return {"version": STATE_VERSION, "position": self.position, "seed": self.seed,
+                "epoch_size": self.epoch_size, "fingerprint": self.fingerprint}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue right after the last batch consumed when `state` was taken (any world size)."""
+        mine = self.state_dict()
+        for key in ("version", "seed", "epoch_size", "fingerprint"):
+            if state.get(key) != mine[key]:
+                raise ValueError(f"data loader state has {key}={state.get(key)!r} but this loader has "
+                                 f"{mine[key]!r}: the data source or seed changed since the checkpoint, "
+                                 "so the sample order cannot continue")
+        self._shutdown()
+        self.position = int(state["position"])
+
+    def skip_counts(self) -> dict[str, int]:
+        total = Counter(self._past_skips)
+        for skips in self._worker_skips.values():
+            total.update(skips)
+        return {k: int(v) for k, v in total.items()}
+
+    def _shutdown(self) -> None:
+        for skips in self._worker_skips.values():
+            self._past_skips.update(skips)
+        self._worker_skips = {}
+        self._iterator = None  # dropping the DataLoader iterator stops its worker processes
+
+    def close(self) -> None:
+        self._shutdown()

@@ -1,0 +1,19 @@
+"""FID evaluation: Inception features, float64 statistics, Frechet distance, distributed generation, references."""
+from .config import SIGMA_MID_BY_RECIPE, EvalConfig, check_eval_config
+from .fid import FIDEvaluator, SampleSpec, check_compatible, sample_spec
+from .frechet import FEATURE_DIM, FeatureMoments, FrechetTerms, all_reduce_moments, frechet_distance
+from .generate import generate_uint8, rank_indices, sample_inputs, sample_rng, sampling_sigmas
+from .inception import (WEIGHTS_ENV, WEIGHTS_FILE, WEIGHTS_SHA256, InceptionFeatures, InceptionWeightsError,
+                        build_inception, random_inception_state_dict, resolve_weights_url)
+from .precision_recall import knn_radii, manifold_coverage, precision_recall
+from .records import best_metric, record_result
+from .reference import RefStats, load_ref_stats, save_ref_stats
+
+__all__ = [
+    "SIGMA_MID_BY_RECIPE", "EvalConfig", "check_eval_config", "FIDEvaluator", "SampleSpec", "check_compatible",
+    "sample_spec", "FEATURE_DIM", "FeatureMoments", "FrechetTerms", "all_reduce_moments", "frechet_distance",
+    "generate_uint8", "rank_indices", "sample_inputs", "sample_rng", "sampling_sigmas", "WEIGHTS_ENV",
+    "WEIGHTS_FILE", "WEIGHTS_SHA256", "InceptionFeatures", "InceptionWeightsError", "build_inception",
+    "random_inception_state_dict", "resolve_weights_url", "knn_radii", "manifold_coverage", "precision_recall",
+    "best_metric", "record_result", "RefStats", "load_ref_stats", "save_ref_stats",
+]

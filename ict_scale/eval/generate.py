@@ -1,0 +1,81 @@
+"""Samples for evaluation: which global indices a rank draws, and each sample's noise from its own seed.
+
+Sample i's class label, initial noise z and re-noise come from a generator keyed by (seed, i) alone,
+so the set of samples - and hence the FID - is the same on 1 or N processes and for any batch size.
+Rank r of W takes the contiguous block [floor(N r / W), floor(N (r + 1) / W)): disjoint, covering
+[0, N) exactly, sizes differing by at most one; nothing is padded or drawn twice.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from ict_scale.ict import multistep_sample, to_uint8
+
+
+def rank_indices(num: int, rank: int, world_size: int) -> range:
+    """Rank `rank`'s contiguous share of the global sample indices [0, num)."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world of size {world_size}")
+    return range(num * rank // world_size, num * (rank + 1) // world_size)
+
+
+def sample_rng(seed: int, index: int) -> np.random.Generator:
+    """Sample `index`'s own generator: PCG64 keyed by the SeedSequence of the pair (seed, index).
+
+    Not torch.Generator: its CPU engine (mt19937) keeps only the low 32 bits of a seed, so (seed, index)
+    pairs could not all get distinct streams; SeedSequence hashes the whole pair.
+    """
+    if seed < 0 or index < 0:
+        raise ValueError(f"need seed >= 0 and index >= 0, got seed={seed}, index={index}")
+    return np.random.default_rng([int(seed), int(index)])
+
+
+def sample_inputs(indices: Sequence[int], shape: tuple[int, ...], seed: int, num_classes: int, num_renoise: int):
+    """(z, renoise list, labels or None) on the CPU for the given global indices.
+
+    Per sample the draws are, in order: label (conditional models only), z, then one re-noise tensor per
+    step after the first. z is drawn before the re-noise, so a sample's one-step image does not depend on
+    how many steps are also evaluated.
+    """
+    n = len(indices)
+    z = np.empty((n, *shape), dtype=np.float32)
+    renoise = [np.empty((n, *shape), dtype=np.float32) for _ in range(num_renoise)]
+    labels = np.empty(n, dtype=np.int64) if num_classes > 0 else None
+    for row, index in enumerate(indices):
+        rng = sample_rng(seed, index)
+        if labels is not None:
+            labels[row] = rng.integers(num_classes)
+        z[row] = rng.standard_normal(shape, dtype=np.float32)
+        for r in renoise:
+            r[row] = rng.standard_normal(shape, dtype=np.float32)
+    as_torch = torch.from_numpy
+    return as_torch(z), [as_torch(r) for r in renoise], (as_torch(labels) if labels is not None else None)
+
+
+def sampling_sigmas(steps: int, sigma_max: float, sigma_mid: float) -> tuple[float, ...]:
+    """Noise levels of k-step sampling (iCT §6): (sigma_max,) or (sigma_max, sigma_mid)."""
+    if steps == 1:
+        return (sigma_max,)
+    if steps == 2:
+        return (sigma_max, sigma_mid)
+    raise ValueError(f"only 1- and 2-step sampling are defined here, got steps={steps}")
+
+
+@torch.no_grad()
+def generate_uint8(model: Callable, z: torch.Tensor, renoise: Sequence[torch.Tensor], labels: torch.Tensor | None,
+                   sigmas: Sequence[float], sigma_min: float,
+                   autocast: Callable = contextlib.nullcontext) -> torch.Tensor:
+    """uint8 (N, C, H, W) samples on z's device.
+
+    Quantisation: nearest integer of (x + 1) * 127.5 (ties to even), clamped to [0, 255] - `to_uint8`.
+    Rounding to nearest is unbiased (mean error 0, at most half a level); truncating casts, which some
+    sampling scripts use, darken every pixel by half a level on average and shift the statistics.
+    The reference images are uint8 too, so both sides reach Inception through the same 256 levels.
+    """
+    with autocast():
+        x = multistep_sample(model, z, sigmas, labels, list(renoise[:len(sigmas) - 1]), sigma_min)
+    return to_uint8(x)

@@ -1,0 +1,44 @@
+"""Process set-up shared by the evaluation command lines (evaluate, ref_stats, the FID benchmark).
+
+Joining a torchrun job goes through `ict_scale.parallel.comm.init_from_env`, because only the parallel
+package may touch torch.distributed; a single process needs no group at all.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+
+import torch
+
+from ict_scale.parallel import comm
+
+
+def init_distributed() -> torch.device:
+    """Join the torchrun job when WORLD_SIZE > 1; return this process's device (cuda:LOCAL_RANK or cpu)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not comm.is_initialized():
+        init = getattr(comm, "init_from_env", None)
+        if init is None:
+            raise RuntimeError("this build cannot join a multi-process job: ict_scale.parallel.comm.init_from_env "
+                               "is missing; run a single process (no torchrun)")
+        return init()
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def shutdown_distributed() -> None:
+    destroy = getattr(comm, "destroy", None)
+    if comm.is_initialized() and destroy is not None:
+        destroy()
+
+
+def sampling_autocast(device: torch.device, precision: str):
+    """A context factory for the generator's forward: bf16 autocast or plain fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext
+    if precision == "bf16":
+        return functools.partial(torch.autocast, device.type, dtype=torch.bfloat16)
+    raise ValueError(f"precision={precision!r}: expected fp32 or bf16")

@@ -1,0 +1,119 @@
+"""The training loop: it only decides when to step, log, draw grids, checkpoint and stop."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ict_scale.parallel import comm
+
+from .console import RunConsole
+from .grids import fixed_noise, grid_png, sample_images
+from .run import DivergenceError, Run, evaluate, log_record, save_checkpoint, setup
+from .signals import PreemptionFlag
+from .tensorboard import TensorBoard
+from .step import train_step
+
+
+def next_micro_batches(run: Run, data_iter):
+    dev = run.backend.device
+    fmt = torch.channels_last if run.cfg.train.channels_last and dev.type == "cuda" else torch.contiguous_format
+    batches = []
+    for _ in range(run.accumulation):
+        images, labels = next(data_iter)
+        x = images.to(dev, non_blocking=True).to(torch.float32).div_(127.5).sub_(1.0)
+        y = labels.to(dev, non_blocking=True) if run.cfg.data.num_classes > 0 and not run.cfg.data.drop_labels \
+            else None
+        batches.append((x.contiguous(memory_format=fmt), y))
+    return batches
+
+
+def apply_or_skip(run: Run, result, preempt: PreemptionFlag) -> bool:
+    """Step the optimiser if every rank's loss and grad norm are finite; return whether to stop for preemption."""
+    bad = (~torch.isfinite(result.loss) | ~torch.isfinite(result.grad_norm)).float()
+    flags = comm.all_reduce_max(torch.stack([bad, torch.tensor(float(preempt.requested), device=bad.device)]))
+    bad_any, stop = flags.tolist()  # the one host sync per step: every rank agrees on skip and stop
+    if bad_any:
+        run.backend.zero_grad()
+        run.nonfinite_total += 1
+        run.nonfinite_run += 1
+        if run.nonfinite_run >= run.cfg.train.max_nonfinite_steps:
+            raise DivergenceError(f"{run.nonfinite_run} consecutive non-finite steps at step {run.step}; "
+                                  f"the last complete checkpoint is kept in {run.ckpts.url(run.ckpts.latest() or 0)}")
+    else:
+        run.backend.optimizer_step()
+        run.backend.zero_grad()
+        run.ema.update(run.backend.ema_targets(), run.cfg.train.ema_decay)
+        run.nonfinite_run = 0
+    return bool(stop)
+
+
+def write_grids(run: Run, tb: TensorBoard) -> None:
+    cfg = run.cfg
+    model = run.backend.eval_model(run.ema)
+    shape = (3, cfg.data.resolution, cfg.data.resolution)
+    z, renoise, labels = fixed_noise(cfg.train.grid_num, shape, cfg.train.seed,
+                                     0 if cfg.data.drop_labels else cfg.data.num_classes, run.backend.device)
+    for steps in (1, 2):
+        with run.backend.autocast():
+            images = sample_images(model, z, renoise, labels, cfg.ict.sigma_max, cfg.eval.sigma_mid, steps,
+                                   cfg.ict.sigma_min)
+        if run.backend.rank == 0:
+            png = grid_png(images, upscale=max(1, 128 // cfg.data.resolution))
+            run.storage.write_bytes(f"samples/step_{run.step:09d}_{steps}step.png", png)
+            run.storage.write_bytes(f"samples/latest_{steps}step.png", png)
+            tb.image(f"samples/{steps}step", png, run.step)
+
+
+def train(cfg) -> Run:
+    run = setup(cfg)
+    t = cfg.train
+    rank0 = run.backend.rank == 0
+    console = RunConsole(t.total_steps, run.step, enabled=rank0)
+    console.print(f"ict_scale: {run.num_params:,} parameters, backend {run.backend.name} x{run.backend.world_size} "
+                  f"on {run.backend.device}, "
+                  f"{'resuming at' if run.step else 'starting at'} step {run.step}, run dir {t.run_dir}")
+    preempt, data_iter = PreemptionFlag(grace_s=cfg.parallel.preempt_grace_s), iter(run.loader)
+    tb = TensorBoard(t.run_dir, enabled=rank0)
+    start_step, window_loss, window_t, window_steps = run.step, 0.0, time.perf_counter(), 0
+    started = time.perf_counter()
+    try:
+        while run.step < t.total_steps:
+            result = train_step(run.backend, next_micro_batches(run, data_iter), run.step, cfg)
+            stop = apply_or_skip(run, result, preempt)
+            run.step += 1
+            run.images_seen += t.batch_size
+            window_loss, window_steps = window_loss + result.loss.detach(), window_steps + 1
+            record = None
+            if run.step % t.log_every == 0 or run.step == t.total_steps:
+                loss = comm.all_reduce_sum((window_loss / window_steps).to(torch.float64))
+                now = time.perf_counter()
+                record = {"step": run.step, "images_seen": run.images_seen,
+                          "loss": float(loss) / run.backend.world_size, "num_scales": result.num_scales,
+                          "grad_norm": float(result.grad_norm), "lr": cfg.optim.lr,
+                          "img_per_s": window_steps * t.batch_size / max(now - window_t, 1e-9),
+                          "seconds": now - started, "nonfinite_total": run.nonfinite_total,
+                          "data_skips": run.loader.skip_counts()}
+                log_record(run, record)
+                tb.scalars(record)
+                window_loss, window_t, window_steps = 0.0, now, 0
+            console.update(run.step, record)
+            done = run.step == t.total_steps or (t.max_steps_this_run and run.step - start_step >= t.max_steps_this_run)
+            if t.grid_every and run.step % t.grid_every == 0 or done:
+                write_grids(run, tb)
+            eval_due = run.evaluator is not None and run.step % cfg.eval.every_steps == 0
+            if run.step % t.ckpt_every == 0 or done or stop or eval_due:
+                save_checkpoint(run)  # an evaluated step always has a checkpoint, so best.json can name it
+            if eval_due and not stop:
+                result = evaluate(run)
+                console.print("  ".join(f"{k} {v:.3f}" for k, v in result.items() if k.startswith("fid_")))
+            if done or stop:
+                if stop:
+                    console.print(f"preemption signal {preempt.signum}: checkpoint written at step {run.step}")
+                break
+    finally:
+        preempt.cancel()
+        console.close()
+        tb.close()
+        run.loader.close()
+    return run

@@ -1,0 +1,27 @@
+"""Build the consistency model a config describes: registry backbone inside the iCT parameterisation."""
+from __future__ import annotations
+
+from ict_scale.ict import ConsistencyModel
+from ict_scale.networks import build_network, network_c_noise
+
+_OVERRIDES = ("model_channels", "channel_mult", "num_blocks", "attn_resolutions", "dropout")
+
+
+def num_classes(cfg) -> int:
+    """Label dimension the network conditions on (0 = unconditional)."""
+    return 0 if cfg.data.drop_labels else int(cfg.data.num_classes)
+
+
+def build_model(cfg) -> ConsistencyModel:
+    overrides = {k: getattr(cfg.model, k) for k in _OVERRIDES if getattr(cfg.model, k) is not None}
+    for k in ("channel_mult", "attn_resolutions"):
+        if k in overrides:
+            overrides[k] = tuple(overrides[k])
+    net = build_network(cfg.model.name, img_resolution=cfg.data.resolution, in_channels=3,
+                        label_dim=num_classes(cfg), **overrides)
+    return ConsistencyModel(net, network_c_noise(cfg.model.name), sigma_data=cfg.ict.sigma_data,
+                            sigma_min=cfg.ict.sigma_min)
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())

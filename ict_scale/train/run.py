@@ -1,0 +1,137 @@
+"""Everything a run holds between steps, and how it is saved and restored."""
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass, field
+
+import torch
+from omegaconf import OmegaConf
+
+from ict_scale.checkpoint import CheckpointManager, Storage, torch_bytes
+from ict_scale.config import to_yaml
+from ict_scale.data import build_loader
+from ict_scale.parallel import comm
+from ict_scale.parallel.backend import build_backend
+
+from .ema import EMA
+from .model import build_model, count_parameters
+
+
+class DivergenceError(RuntimeError):
+    """Too many consecutive non-finite losses or gradient norms."""
+
+
+@dataclass
+class Run:
+    cfg: object
+    backend: object
+    storage: Storage
+    ckpts: CheckpointManager
+    ema: EMA
+    loader: object
+    num_params: int
+    evaluator: object = None
+    step: int = 0
+    images_seen: int = 0
+    nonfinite_total: int = 0
+    nonfinite_run: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def accumulation(self) -> int:
+        return self.cfg.train.batch_size // (self.cfg.train.batch_per_gpu * self.backend.world_size)
+
+
+def accumulation_steps(cfg, world_size: int) -> int:
+    """Micro-batches per step so that the global batch stays cfg.train.batch_size at any world size."""
+    per_step = cfg.train.batch_per_gpu * world_size
+    if cfg.train.batch_size % per_step:
+        raise ValueError(f"train.batch_size={cfg.train.batch_size} is not a multiple of train.batch_per_gpu="
+                         f"{cfg.train.batch_per_gpu} x world size {world_size}")
+    return cfg.train.batch_size // per_step
+
+
+def make_optimizer(cfg):
+    o = cfg.optim
+    return lambda params: torch.optim.RAdam(params, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                                            weight_decay=o.weight_decay, decoupled_weight_decay=True,
+                                            foreach=o.foreach)
+
+
+def setup(cfg) -> Run:
+    """Build backend, model, optimiser, EMA and loader; write the resolved config; resume if possible."""
+    backend = build_backend(cfg)
+    accumulation_steps(cfg, backend.world_size)
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    model = build_model(cfg)
+    num_params = count_parameters(model)
+    backend.prepare(model, make_optimizer(cfg))
+    storage = Storage(cfg.train.run_dir, dict(cfg.data.storage_options))
+    loader = build_loader(cfg.data, batch_per_rank=cfg.train.batch_per_gpu, rank=backend.rank,
+                          world_size=backend.world_size, seed=cfg.train.seed)
+    run = Run(cfg, backend, storage, CheckpointManager(storage, cfg.train.keep_last), EMA(backend.ema_targets()),
+              loader, num_params, build_evaluator(cfg, backend))
+    if backend.rank == 0:
+        storage.makedirs()
+        storage.write_text("config.yaml", to_yaml(cfg))
+    restore_latest(run)
+    return run
+
+
+def build_evaluator(cfg, backend):
+    """The FID stage, built at start-up so that missing weights or reference stats fail before training."""
+    if cfg.eval.every_steps <= 0:
+        return None
+    from ict_scale.eval.fid import FIDEvaluator
+    return FIDEvaluator(cfg.eval, backend.device, storage_options=dict(cfg.data.storage_options))
+
+
+def evaluate(run: Run) -> dict:
+    """FID of the EMA model on every rank; rank 0 records it beside the checkpoint of this step."""
+    from ict_scale.eval.fid import sample_spec
+    return run.evaluator.run(run.backend.eval_model(run.ema), sample_spec(run.cfg), step=run.step,
+                             run_dir=run.cfg.train.run_dir, checkpoint=run.ckpts.name(run.step),
+                             autocast=run.backend.autocast, storage_options=run.storage.storage_options)
+
+
+def save_checkpoint(run: Run) -> str:
+    """All ranks write their shards; rank 0 writes the trainer state, then (after a barrier) the marker."""
+    step = run.step
+    url = run.ckpts.begin(step) if run.backend.rank == 0 else run.ckpts.url(step)
+    comm.barrier()
+    run.backend.save(url, run.ema.state_dict(), run.storage.storage_options)
+    if run.backend.rank == 0:
+        state = {"step": step, "images_seen": run.images_seen, "nonfinite_total": run.nonfinite_total,
+                 "seed": run.cfg.train.seed, "world_size": run.backend.world_size,
+                 "loader": run.loader.state_dict()}
+        run.storage.write_bytes(f"{run.ckpts.name(step)}/trainer_state.pt", torch_bytes(state))
+        run.storage.write_text(f"{run.ckpts.name(step)}/config.yaml", to_yaml(run.cfg))
+    comm.barrier()
+    if run.backend.rank == 0:
+        run.ckpts.commit(step, {"images_seen": run.images_seen})
+    comm.barrier()
+    return url
+
+
+def restore_latest(run: Run) -> bool:
+    """Resume from the newest complete checkpoint, if any (every rank reads the same one)."""
+    step = comm.broadcast_object(run.ckpts.latest())
+    if step is None:
+        return False
+    run.backend.load(run.ckpts.url(step), run.ema.state_dict(), run.storage.storage_options)
+    raw = run.storage.read_bytes(f"{run.ckpts.name(step)}/trainer_state.pt")
+    state = torch.load(io.BytesIO(raw), weights_only=True)
+    run.step, run.images_seen = int(state["step"]), int(state["images_seen"])
+    run.nonfinite_total = int(state["nonfinite_total"])
+    run.loader.load_state_dict(state["loader"])
+    return True
+
+
+def log_record(run: Run, record: dict) -> None:
+    if run.backend.rank == 0:
+        run.storage.append_line("metrics.jsonl", json.dumps(record))
+
+
+def resolved(cfg) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)

@@ -1,0 +1,74 @@
+"""Config loading: schema defaults, recipes, overrides, and the errors a user sees."""
+import subprocess
+import sys
+
+import pytest
+
+from ict_scale.config import ConfigError, load_config
+from ict_scale.train.__main__ import find_config, main
+
+
+def test_defaults_are_the_papers_constants():
+    cfg = load_config()
+    assert (cfg.ict.sigma_min, cfg.ict.sigma_max, cfg.ict.rho, cfg.ict.sigma_data) == (0.002, 80.0, 7.0, 0.5)
+    assert (cfg.ict.s0, cfg.ict.s1, cfg.ict.p_mean, cfg.ict.p_std) == (10, 1280, -1.1, 2.0)
+    assert (cfg.optim.lr, cfg.optim.beta1, cfg.optim.beta2, cfg.optim.weight_decay) == (1e-4, 0.9, 0.999, 0.0)
+
+
+def test_paper_recipes():
+    c = load_config([find_config("cifar10")])
+    assert (c.model.name, c.train.batch_size, c.train.total_steps, c.train.ema_decay) == ("ncsnpp", 1024, 400000, 0.99993)
+    assert c.eval.sigma_mid == 0.821 and c.data.drop_labels
+    i = load_config([find_config("imagenet64")])
+    assert (i.model.name, i.train.batch_size, i.train.total_steps, i.train.ema_decay) == ("adm", 4096, 800000, 0.99997)
+    assert i.eval.sigma_mid == 1.526 and i.data.num_classes == 1000
+
+
+def test_overrides_are_typed():
+    cfg = load_config([], ["train.total_steps=123", "optim.lr=3e-4", "model.channel_mult=[1,2]", "train.channels_last=false"])
+    assert cfg.train.total_steps == 123 and cfg.optim.lr == 3e-4
+    assert list(cfg.model.channel_mult) == [1, 2] and cfg.train.channels_last is False
+
+
+def test_unknown_key_names_close_valid_ones():
+    with pytest.raises(ConfigError) as e:
+        load_config([], ["train.total_step=5"])
+    assert "train.total_step" in str(e.value) and "train.total_steps" in str(e.value)
+    with pytest.raises(ConfigError, match="unknown config key 'trian'"):
+        load_config([], ["trian.seed=1"])
+
+
+def test_wrong_type_names_the_key():
+    with pytest.raises(ConfigError, match="train.total_steps"):
+        load_config([], ["train.total_steps=many"])
+
+
+def test_bad_enum_and_range():
+    with pytest.raises(ConfigError, match="ict.metric"):
+        load_config([], ["ict.metric=lpips"])
+    with pytest.raises(ConfigError, match="train.ema_decay"):
+        load_config([], ["train.ema_decay=1.5"])
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config([], ["train.seed"])
+
+
+def test_unknown_key_in_yaml_names_the_file(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("train:\n  batch_sise: 4\n")
+    with pytest.raises(ConfigError) as e:
+        load_config([str(f)])
+    assert str(f) in str(e.value) and "train.batch_size" in str(e.value)
+
+
+def test_dry_run_prints_config_and_parameter_count(capsys):
+    assert main(["cifar10", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "total_steps: 400000" in out
+    assert "56,395,523 parameters" in out
+
+
+def test_cli_reports_bad_key_with_exit_code_2():
+    proc = subprocess.run([sys.executable, "-m", "ict_scale.train", "demo", "train.totl_steps=3", "--dry-run"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "train.total_steps" in proc.stderr

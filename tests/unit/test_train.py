@@ -1,0 +1,113 @@
+"""The training loop end to end on CPU: resume equality, divergence guard, run directory contents."""
+import json
+import math
+
+import pytest
+import torch
+
+from ict_scale.checkpoint import COMMIT, CheckpointManager, Storage
+from ict_scale.config import load_config
+from ict_scale.train.export import load_ema_model
+from ict_scale.train.loop import train
+
+TINY = ["model.name=ncsnpp", "model.model_channels=16", "model.channel_mult=[1,2]", "model.num_blocks=1",
+        "model.attn_resolutions=[4]", "model.dropout=0.2", "data.source=synthetic", "data.resolution=8",
+        "data.num_classes=4", "data.num_workers=0", "data.drop_labels=true", "train.batch_size=8",
+        "train.batch_per_gpu=4", "train.total_steps=8", "train.log_every=1", "train.grid_every=0",
+        "train.grid_num=4", "train.ckpt_every=100", "train.keep_last=2", "ict.s1=40", "eval.sigma_mid=0.821"]
+
+
+def tiny_cfg(run_dir, *extra):
+    return load_config([], TINY + [f"train.run_dir={run_dir}", *extra])
+
+
+def losses(run_dir):
+    with open(f"{run_dir}/metrics.jsonl") as f:
+        return [json.loads(line)["loss"] for line in f]
+
+
+def weights(run_dir):
+    model, _, _ = load_ema_model(str(run_dir))
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_stop_and_resume_is_bit_identical(tmp_path):
+    full, split = tmp_path / "full", tmp_path / "split"
+    train(tiny_cfg(full))
+    run = train(tiny_cfg(split, "train.max_steps_this_run=3"))
+    assert run.step == 3
+    run = train(tiny_cfg(split))  # same command again: resumes from step 3
+    assert run.step == 8
+    assert losses(full) == losses(split)  # bit-identical floats
+    wf, ws = weights(full), weights(split)
+    assert wf.keys() == ws.keys() and all(torch.equal(wf[k], ws[k]) for k in wf)
+    a = (full / "checkpoints/step_000000008/__0_0.distcp").read_bytes()
+    b = (split / "checkpoints/step_000000008/__0_0.distcp").read_bytes()
+    assert a == b  # model, optimiser and EMA state: the same bytes
+
+
+def test_run_directory_contents(tmp_path):
+    run_dir = tmp_path / "run"
+    train(tiny_cfg(run_dir, "train.total_steps=4", "train.ckpt_every=1", "train.grid_every=2"))
+    assert (run_dir / "config.yaml").read_text().count("total_steps: 4") == 1
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    for key in ("images_seen", "loss", "num_scales", "grad_norm", "lr", "img_per_s", "seconds"):
+        assert key in records[0]
+    assert records[-1]["images_seen"] == 4 * 8
+    assert all(math.isfinite(r["loss"]) for r in records)
+    for name in ("step_000000002_1step.png", "step_000000004_2step.png", "latest_1step.png"):
+        assert (run_dir / "samples" / name).stat().st_size > 0
+    ckpts = CheckpointManager(Storage(str(run_dir)), keep_last=2)
+    assert ckpts.complete_steps() == [3, 4]  # keep-last-2 pruned steps 1 and 2
+
+
+def test_incomplete_checkpoint_is_never_resumed(tmp_path):
+    run_dir = tmp_path / "run"
+    train(tiny_cfg(run_dir, "train.total_steps=2", "train.ckpt_every=1"))
+    # Simulate a save of step 5 that died mid-write: files present, no COMMIT marker.
+    broken = run_dir / "checkpoints" / "step_000000005"
+    broken.mkdir()
+    (broken / "__0_0.distcp").write_bytes(b"partial")
+    assert CheckpointManager(Storage(str(run_dir))).latest() == 2
+    run = train(tiny_cfg(run_dir, "train.total_steps=3", "train.ckpt_every=1"))
+    assert run.step == 3
+    with pytest.raises(FileNotFoundError, match="incomplete"):
+        load_ema_model(str(broken))
+    assert (run_dir / "checkpoints" / "step_000000003" / COMMIT).exists()
+
+
+def test_divergence_guard_skips_then_stops(tmp_path):
+    run_dir = tmp_path / "run"
+    # A learning rate this large drives the weights to inf/nan within a few steps.
+    from ict_scale.train.run import DivergenceError
+    with pytest.raises(DivergenceError, match="consecutive non-finite"):
+        train(tiny_cfg(run_dir, "optim.lr=1e30", "train.total_steps=50", "train.max_nonfinite_steps=3",
+                       "train.ckpt_every=1"))
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert records and records[-1]["nonfinite_total"] >= 1
+    last = CheckpointManager(Storage(str(run_dir))).latest()
+    assert last is not None  # the last good checkpoint is kept
+    model, _, _ = load_ema_model(str(run_dir))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_fid_during_training_is_recorded_and_best_checkpoint_kept(tmp_path):
+    from data_prep import ref_stats
+    from ict_scale.eval.inception import random_inception_state_dict
+    weights, ref = tmp_path / "inception.pth", tmp_path / "ref.npz"
+    torch.save(random_inception_state_dict(0), weights)
+    ref_stats.main(["--data", "synthetic", "--out", str(ref), "--num", "6", "--resolution", "8",
+                    "--batch-per-rank", "6", "--workers", "0", "--inception-weights", str(weights),
+                    "--inception-sha256", ""])
+    run_dir = tmp_path / "run"
+    train(tiny_cfg(run_dir, "train.total_steps=4", "train.keep_last=1", "eval.every_steps=2", "eval.num=4",
+                   "eval.batch_per_rank=4", "eval.steps=[1,2]", f"eval.ref={ref}", f"eval.inception_weights={weights}", "eval.inception_sha256="))
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    fids = [x for x in lines if "fid_1step" in x]
+    assert [x["step"] for x in fids] == [2, 4]
+    assert all(math.isfinite(x["fid_1step"]) and math.isfinite(x["fid_2step"]) for x in fids)
+    best = json.loads((run_dir / "best.json").read_text())
+    steps = CheckpointManager(Storage(str(run_dir)), keep_last=1).complete_steps()
+    assert best["step"] in steps and 4 in steps  # keep-last-1 plus the best by FID
+    assert best["value"] == min(x["fid_1step"] for x in fids)
