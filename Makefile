@@ -15,9 +15,12 @@ PYTEST_ARGS ?=
 DATASET ?= synthetic
 SRC ?=
 OUT ?= shards/$(DATASET)
-SHARD_SIZE ?= 10000
+SHARD_SIZE ?= 256
 WORKERS ?= 0
 SPLIT ?= train
+NUM ?=
+RESOLUTION ?=
+NUM_CLASSES ?=
 
 .PHONY: install demo test shards ref-stats bench clean
 
@@ -41,7 +44,8 @@ test: install
 
 shards: install
 	$(PY) -m data_prep.make_shards --dataset $(DATASET) $(if $(SRC),--src $(SRC)) --out $(OUT) \
-		--shard-size $(SHARD_SIZE) --split $(SPLIT) $(if $(filter-out 0,$(WORKERS)),--workers $(WORKERS))
+		--shard-size $(SHARD_SIZE) --split $(SPLIT) $(if $(filter-out 0,$(WORKERS)),--workers $(WORKERS)) \
+		$(if $(NUM),--num $(NUM)) $(if $(RESOLUTION),--resolution $(RESOLUTION)) $(if $(NUM_CLASSES),--num-classes $(NUM_CLASSES))
 
 RES ?= 32
 ref-stats: install
