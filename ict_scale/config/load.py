@@ -14,7 +14,6 @@ _ENUMS = {
     "ict.metric": ("pseudo_huber", "l2"),
     "ict.index_sampling": ("lognormal", "uniform"),
     "ict.curriculum": ("doubling", "sqrt"),
-    "ict.teacher": ("student", "ema"),
     "train.precision": ("auto", "bf16", "fp32"),
     "parallel.backend": ("single", "ddp", "fsdp", "deepspeed"),
 }

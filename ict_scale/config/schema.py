@@ -25,9 +25,7 @@ class ICTConfig:
     p_std: float = 2.0                # std of the lognormal noise-level distribution
     metric: str = "pseudo_huber"      # distance: pseudo_huber (iCT) | l2 (squared L2, original CT)
     index_sampling: str = "lognormal"  # interval index distribution: lognormal (iCT) | uniform (CT)
-    curriculum: str = "doubling"      # N(k): doubling (iCT eq. 6) | sqrt (original CT)
-    teacher: str = "student"          # teacher weights: student (stop-grad, iCT) | ema (original CT)
-    teacher_ema_mu0: float = 0.9      # original CT's teacher EMA start rate (used when teacher=ema)
+    curriculum: str = "doubling"      # N(k): doubling (iCT eq. 6) | sqrt (original CT; set s0=2, s1=150 for CT's)
 
 
 @dataclass

@@ -57,8 +57,12 @@ def sample_intervals(disc: Discretisation, batch: int, generator: torch.Generato
                      device=None):
     """Draw i ~ p(i) per sample; return (sigma_i, sigma_{i+1}, lambda_i) as float32 on `device`."""
     idx = torch.multinomial(disc.probs, batch, replacement=True, generator=generator)
-    return (disc.sigmas[idx].float().to(device), disc.sigmas[idx + 1].float().to(device),
-            disc.weights[idx].float().to(device))
+    table = torch.stack([disc.sigmas[idx], disc.sigmas[idx + 1], disc.weights[idx]]).float()  # float64 -> cast
+    if device is not None and torch.device(device).type == "cuda":
+        table = table.pin_memory().to(device, non_blocking=True)  # one asynchronous copy, no host sync
+    elif device is not None:
+        table = table.to(device)
+    return table[0], table[1], table[2]
 
 
 def consistency_pair(student: Callable, teacher: Callable, x: torch.Tensor, z: torch.Tensor,

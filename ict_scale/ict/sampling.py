@@ -23,7 +23,7 @@ def multistep_sample(model: Callable, z: torch.Tensor, sigmas: Sequence[float] =
     sigma = torch.full((batch,), float(sigmas[0]), device=z.device)
     x = model(z * float(sigmas[0]), sigma, class_labels)
     for tau, z_k in zip(sigmas[1:], renoise):
-        x = x + (float(tau) ** 2 - sigma_min ** 2) ** 0.5 * z_k
+        x = x.clamp(-1, 1) + (float(tau) ** 2 - sigma_min ** 2) ** 0.5 * z_k  # denoised estimate kept in range
         x = model(x, torch.full((batch,), float(tau), device=z.device), class_labels)
     return x.clamp(-1, 1)
 

@@ -26,12 +26,14 @@ def karras_sigmas(num_scales: int, sigma_min: float = SIGMA_MIN, sigma_max: floa
         raise ValueError(f"num_scales must be >= 2, got {num_scales}")
     i = torch.arange(num_scales, dtype=torch.float64)
     lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-    return (lo + i / (num_scales - 1) * (hi - lo)) ** rho
+    sigmas = (lo + i / (num_scales - 1) * (hi - lo)) ** rho
+    sigmas[0], sigmas[-1] = sigma_min, sigma_max  # exact endpoints, not their rounded powers
+    return sigmas
 
 
 def doubling_period(total_steps: int, s0: int = S0, s1: int = S1) -> int:
     """K' = floor(K / (log2 floor(s1/s0) + 1)): steps per curriculum stage (iCT eq. 6)."""
-    return max(1, total_steps // (int(math.log2(s1 // s0)) + 1))
+    return max(1, math.floor(total_steps / (math.log2(s1 // s0) + 1)))
 
 
 def num_scales_at(step: int, total_steps: int, s0: int = S0, s1: int = S1) -> int:
@@ -41,6 +43,7 @@ def num_scales_at(step: int, total_steps: int, s0: int = S0, s1: int = S1) -> in
 
 
 def num_scales_sqrt_at(step: int, total_steps: int, s0: int = 2, s1: int = 150) -> int:
+    # Note: the config passes ict.s0/ict.s1; original CT used s0=2, s1=150.
     """Original CT curriculum N(k) = ceil(sqrt(k/K ((s1+1)^2 - s0^2) + s0^2) - 1) + 1 (Song et al. 2023, App. C)."""
     inner = step / total_steps * ((s1 + 1) ** 2 - s0 ** 2) + s0 ** 2
     return math.ceil(math.sqrt(inner) - 1) + 1

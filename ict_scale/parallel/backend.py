@@ -18,6 +18,7 @@ import os
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from . import dcp_io
@@ -140,8 +141,7 @@ class DistributedBackend(Backend):
         self.local_world_size = env.local_world_size
 
     def shutdown(self) -> None:
-        """Wait for outstanding work, then leave the process group (call once, at the end of the process)."""
-        import torch.distributed as dist
+        """Leave the process group (once, at the end of the process; later collectives would fail)."""
         if dist.is_initialized():
             dist.destroy_process_group()
 

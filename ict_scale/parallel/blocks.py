@@ -34,6 +34,14 @@ def apply_activation_checkpointing(module: nn.Module) -> None:
 
 
 def apply_compile(module: nn.Module) -> None:
-    """torch.compile each block in place (Module.compile keeps names; fullgraph per block)."""
-    for block in shard_units(module):
-        block.compile()
+    """torch.compile each block in place (Module.compile keeps names; static shapes per block).
+
+    The blocks share a few code objects, so Dynamo counts their variants against one recompile limit; past
+    it a block silently runs eager, and a teacher pass compiled while the student pass runs eager draws
+    different dropout masks. The limit is raised to cover every block's grad and no-grad variants.
+    """
+    import torch._dynamo
+    units = shard_units(module)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(units))
+    for block in units:
+        block.compile(dynamic=False)

@@ -23,6 +23,17 @@ from .eval_copy import EvalCopy
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def _z3_partition(p) -> tuple[torch.Tensor, int, int]:
+    """(this rank's fp32 partition of a ZeRO-3 parameter, its offset in the flat parameter, valid length).
+
+    Partitions have equal size on every rank; the last ones are padded past the parameter's end.
+    """
+    import deepspeed.utils as dsu
+    local = dsu.safe_get_local_fp32_param(p)
+    start = dist.get_rank(group=p.ds_process_group) * local.numel()
+    return local, start, max(0, min(local.numel(), p.ds_numel - start))
+
+
 def _autocast_forward(forward, device_type: str, dtype: torch.dtype, *args, **kwargs):
     with torch.autocast(device_type, dtype=dtype):
         return forward(*args, **kwargs)
@@ -65,6 +76,7 @@ class DeepSpeedBackend(DistributedBackend):
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=module, optimizer=client_optimizer,
                                                                  model_parameters=params, config=self.ds_config)
         self.model, self.module = self.engine, self.engine.module
+        self._param_by_name = dict(self.module.named_parameters())
         self._stepped = True
         if init:
             self._restore_fp32_init(init)
@@ -90,9 +102,7 @@ class DeepSpeedBackend(DistributedBackend):
             full = init[name].to(self.device).flatten()
             if self.zero_stage == 3:
                 # Set this rank's (padded) partition: DeepSpeed's full-tensor setter mishandles padding.
-                local = dsu.safe_get_local_fp32_param(p)
-                start = dist.get_rank(group=p.ds_process_group) * local.numel()
-                valid = max(0, min(local.numel(), p.ds_numel - start))
+                local, start, valid = _z3_partition(p)
                 value = torch.zeros_like(local)
                 value[:valid] = full[start:start + valid]
                 dsu.safe_set_local_fp32_param(p, value)
@@ -181,16 +191,12 @@ class DeepSpeedBackend(DistributedBackend):
     # -- state ----------------------------------------------------------------------------------
     def _fragments(self) -> dict[str, tuple[torch.Tensor, int]]:
         """name -> (this rank's slice of the fp32 master weight, flattened, and its start offset)."""
-        import deepspeed.utils as dsu
         out = {}
         for name, p in self.module.named_parameters():
             if not p.requires_grad:
                 continue
             if self.zero_stage == 3:
-                local = dsu.safe_get_local_fp32_param(p)
-                start = dist.get_rank(group=p.ds_process_group) * local.numel()
-                # The last partitions are padded; only elements inside the parameter count.
-                valid = max(0, min(local.numel(), p.ds_numel - start))
+                local, start, valid = _z3_partition(p)
                 out[name] = (local.narrow(0, 0, valid), start)
             elif getattr(p, "_hp_mapping", None) is not None:
                 m = p._hp_mapping
@@ -200,12 +206,8 @@ class DeepSpeedBackend(DistributedBackend):
         return out
 
     def _full_shape(self, name: str) -> torch.Size:
-        p = self._by_name[name]
-        return p.ds_shape if self.zero_stage == 3 else p.shape
-
-    @property
-    def _by_name(self):
-        return dict(self.module.named_parameters())
+        p = self._param_by_name[name]
+        return p.ds_shape if self.zero_stage == 3 else p.shape  # a ZeRO-3 parameter's own shape is empty
 
     def ema_targets(self) -> dict[str, torch.Tensor]:
         # Rebuilt at every call: views into the optimiser's fp32 partitions (a load may replace them).

@@ -25,19 +25,23 @@ def find_config(name: str) -> str:
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m ict_scale.train", description=__doc__)
     p.add_argument("config", nargs="?", default=DEFAULT_CONFIG, help="YAML file or recipe name (default: demo)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.total_steps=1000")
+    p.add_argument("overrides", nargs="*", help="more YAML files (e.g. configs/parallel/fsdp.yaml), then key=value "
+                                                "overrides, e.g. train.total_steps=1000")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and parameter count, then exit")
     args = p.parse_args(argv)
     if args.config and "=" in args.config:  # `python -m ict_scale.train key=value` with the default recipe
         args.overrides.insert(0, args.config)
         args.config = DEFAULT_CONFIG
+    # Further YAML files (e.g. a parallel preset) merge after the recipe, before the key=value overrides.
+    args.configs = [args.config, *(o for o in args.overrides if "=" not in o and o.endswith((".yaml", ".yml")))]
+    args.overrides = [o for o in args.overrides if o not in args.configs]
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        cfg = load_config([find_config(args.config)], args.overrides)
+        cfg = load_config([find_config(c) for c in args.configs], args.overrides)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -9,7 +9,7 @@ from ict_scale.parallel import comm
 
 from .console import RunConsole
 from .grids import fixed_noise, grid_png, sample_images
-from .run import DivergenceError, Run, evaluate, log_record, save_checkpoint, setup
+from .run import DivergenceError, Run, evaluate, finish_pending_save, log_record, save_checkpoint, setup
 from .signals import PreemptionFlag
 from .tensorboard import TensorBoard
 from .step import train_step
@@ -54,15 +54,16 @@ def write_grids(run: Run, tb: TensorBoard) -> None:
     shape = (3, cfg.data.resolution, cfg.data.resolution)
     z, renoise, labels = fixed_noise(cfg.train.grid_num, shape, cfg.train.seed,
                                      0 if cfg.data.drop_labels else cfg.data.num_classes, run.backend.device)
+    if run.backend.rank != 0:  # eval_model above is collective; sampling from its full copy is not
+        return
     for steps in (1, 2):
         with run.backend.autocast():
             images = sample_images(model, z, renoise, labels, cfg.ict.sigma_max, cfg.eval.sigma_mid, steps,
                                    cfg.ict.sigma_min)
-        if run.backend.rank == 0:
-            png = grid_png(images, upscale=max(1, 128 // cfg.data.resolution))
-            run.storage.write_bytes(f"samples/step_{run.step:09d}_{steps}step.png", png)
-            run.storage.write_bytes(f"samples/latest_{steps}step.png", png)
-            tb.image(f"samples/{steps}step", png, run.step)
+        png = grid_png(images, upscale=max(1, 128 // cfg.data.resolution))
+        run.storage.write_bytes(f"samples/step_{run.step:09d}_{steps}step.png", png)
+        run.storage.write_bytes(f"samples/latest_{steps}step.png", png)
+        tb.image(f"samples/{steps}step", png, run.step)
 
 
 def train(cfg) -> Run:
@@ -90,7 +91,8 @@ def train(cfg) -> Run:
                 now = time.perf_counter()
                 record = {"step": run.step, "images_seen": run.images_seen,
                           "loss": float(loss) / run.backend.world_size, "num_scales": result.num_scales,
-                          "grad_norm": float(result.grad_norm), "lr": cfg.optim.lr,
+                          "grad_norm": float(result.grad_norm),
+                          "lr": run.backend.optimizer.param_groups[0]["lr"],
                           "img_per_s": window_steps * t.batch_size / max(now - window_t, 1e-9),
                           "seconds": now - started, "nonfinite_total": run.nonfinite_total,
                           "data_skips": run.loader.skip_counts()}
@@ -111,6 +113,7 @@ def train(cfg) -> Run:
                 if stop:
                     console.print(f"preemption signal {preempt.signum}: checkpoint written at step {run.step}")
                 break
+        finish_pending_save(run)
     finally:
         preempt.cancel()
         console.close()

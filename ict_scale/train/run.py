@@ -9,7 +9,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ict_scale.checkpoint import CheckpointManager, Storage, torch_bytes
-from ict_scale.config import to_yaml
+from ict_scale.config import ConfigError, to_yaml
 from ict_scale.data import build_loader
 from ict_scale.parallel import comm
 from ict_scale.parallel.backend import build_backend
@@ -96,22 +96,58 @@ def evaluate(run: Run) -> dict:
 
 
 def save_checkpoint(run: Run) -> str:
-    """All ranks write their shards; rank 0 writes the trainer state, then (after a barrier) the marker."""
+    """All ranks write their shards; rank 0 writes the trainer state; the COMMIT marker comes once every rank's
+    bytes are durable (at once, or with parallel.async_save before the next save and at the end of the run)."""
+    finish_pending_save(run)
     step = run.step
     url = run.ckpts.begin(step) if run.backend.rank == 0 else run.ckpts.url(step)
     comm.barrier()
-    run.backend.save(url, run.ema.state_dict(), run.storage.storage_options)
+    pending = run.backend.save(url, run.ema.state_dict(), run.storage.storage_options,
+                               background=run.cfg.parallel.async_save)
     if run.backend.rank == 0:
         state = {"step": step, "images_seen": run.images_seen, "nonfinite_total": run.nonfinite_total,
+                 "nonfinite_run": run.nonfinite_run,
                  "seed": run.cfg.train.seed, "world_size": run.backend.world_size,
                  "loader": run.loader.state_dict()}
         run.storage.write_bytes(f"{run.ckpts.name(step)}/trainer_state.pt", torch_bytes(state))
         run.storage.write_text(f"{run.ckpts.name(step)}/config.yaml", to_yaml(run.cfg))
+    run.extra["pending_save"] = (step, pending, run.images_seen)
+    if not run.cfg.parallel.async_save:
+        finish_pending_save(run)
+    return url
+
+
+def finish_pending_save(run: Run) -> None:
+    """Wait until this rank's bytes of the last checkpoint are durable; then rank 0 marks it complete."""
+    if "pending_save" not in run.extra:
+        return
+    step, pending, images_seen = run.extra.pop("pending_save")
+    pending.wait()
     comm.barrier()
     if run.backend.rank == 0:
-        run.ckpts.commit(step, {"images_seen": run.images_seen})
+        run.ckpts.commit(step, {"images_seen": images_seen})
     comm.barrier()
-    return url
+
+
+# What a resumed run must share with the run that wrote the checkpoint: these set the model, N(k), the
+# randomness and the data order. Everything else (logging, parallelism, batch per GPU) may change.
+RESUME_INVARIANTS = ("ict", "model", "train.total_steps", "train.batch_size", "train.seed", "data.source",
+                     "data.resolution", "data.num_classes", "data.drop_labels", "data.synthetic_seed")
+
+
+def check_resume_config(cfg, saved_yaml: str, ckpt_url: str) -> None:
+    """Refuse to continue a checkpoint under a config that would silently change the run."""
+    saved = OmegaConf.create(saved_yaml)
+    diffs = []
+    for key in RESUME_INVARIANTS:
+        old, new = OmegaConf.select(saved, key), OmegaConf.select(cfg, key)
+        old = OmegaConf.to_container(old) if OmegaConf.is_config(old) else old
+        new = OmegaConf.to_container(new) if OmegaConf.is_config(new) else new
+        if old != new:
+            diffs.append(f"{key}: checkpoint {old!r}, now {new!r}")
+    if diffs:
+        raise ConfigError(f"cannot resume {ckpt_url}: the config changed ({'; '.join(diffs)}); set those values "
+                          f"back, or give this run a new train.run_dir")
 
 
 def restore_latest(run: Run) -> bool:
@@ -119,11 +155,14 @@ def restore_latest(run: Run) -> bool:
     step = comm.broadcast_object(run.ckpts.latest())
     if step is None:
         return False
+    check_resume_config(run.cfg, run.storage.read_bytes(f"{run.ckpts.name(step)}/config.yaml").decode(),
+                        run.ckpts.url(step))
     run.backend.load(run.ckpts.url(step), run.ema.state_dict(), run.storage.storage_options)
     raw = run.storage.read_bytes(f"{run.ckpts.name(step)}/trainer_state.pt")
     state = torch.load(io.BytesIO(raw), weights_only=True)
     run.step, run.images_seen = int(state["step"]), int(state["images_seen"])
     run.nonfinite_total = int(state["nonfinite_total"])
+    run.nonfinite_run = int(state.get("nonfinite_run", 0))
     run.loader.load_state_dict(state["loader"])
     return True
 

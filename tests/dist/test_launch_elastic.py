@@ -85,6 +85,19 @@ def test_deepspeed_launcher_script_trains_two_ranks(tmp_path):
         assert json.load(f) == {"world_size": 2, "zero_stage": 1}
 
 
+def test_deepspeed_launcher_runs_the_script_as_users_type_it(tmp_path):
+    """`deepspeed launchers/ds.sh ...`: the launcher runs the file with python on every rank."""
+    run_dir = str(tmp_path / "run")
+    env = worker_env()
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
+           "launchers/ds.sh", *TINY, f"train.run_dir={run_dir}", "train.total_steps=2", "train.ckpt_every=2",
+           "parallel.deepspeed_config=configs/deepspeed/zero1.yaml"]
+    done = run_ok(cmd, env=env)
+    assert started(done.stdout, "deepspeed", 2, 0, run_dir)
+    with open(os.path.join(checkpoint(run_dir, 2), "deepspeed.json")) as f:
+        assert json.load(f) == {"world_size": 2, "zero_stage": 1}
+
+
 def test_torchrun_script_joins_two_agents_through_c10d_rendezvous(tmp_path):
     """Two 'nodes' (agents) of one rank each on this host, meeting at one rendezvous endpoint."""
     run_dir = str(tmp_path / "run")

@@ -111,3 +111,25 @@ def test_fid_during_training_is_recorded_and_best_checkpoint_kept(tmp_path):
     steps = CheckpointManager(Storage(str(run_dir)), keep_last=1).complete_steps()
     assert best["step"] in steps and 4 in steps  # keep-last-1 plus the best by FID
     assert best["value"] == min(x["fid_1step"] for x in fids)
+
+
+def test_async_save_commits_every_checkpoint_and_resumes(tmp_path):
+    run_dir = tmp_path / "run"
+    run = train(tiny_cfg(run_dir, "train.total_steps=3", "train.ckpt_every=1", "train.keep_last=5",
+                         "parallel.async_save=true", "train.max_steps_this_run=2"))
+    assert run.step == 2 and "pending_save" not in run.extra
+    assert CheckpointManager(Storage(str(run_dir))).complete_steps() == [1, 2]
+    run = train(tiny_cfg(run_dir, "train.total_steps=3", "train.ckpt_every=1", "train.keep_last=5",
+                         "parallel.async_save=true"))
+    assert run.step == 3 and CheckpointManager(Storage(str(run_dir))).complete_steps() == [1, 2, 3]
+
+
+def test_resume_refuses_a_changed_recipe(tmp_path):
+    from ict_scale.config import ConfigError
+    run_dir = tmp_path / "run"
+    train(tiny_cfg(run_dir, "train.total_steps=2", "train.ckpt_every=1"))
+    with pytest.raises(ConfigError) as e:
+        train(tiny_cfg(run_dir, "train.total_steps=4", "ict.s1=80"))
+    assert "train.total_steps: checkpoint 2, now 4" in str(e.value) and "ict" in str(e.value)
+    run = train(tiny_cfg(run_dir, "train.total_steps=2", "train.log_every=2"))  # logging may change
+    assert run.step == 2
