@@ -6,6 +6,7 @@ import os
 import uuid
 
 import fsspec
+import fsspec.implementations.local
 
 
 class Storage:
@@ -28,18 +29,7 @@ class Storage:
             self.fs.makedirs(self._path(rel), exist_ok=True)
 
     def write_bytes(self, rel: str, data: bytes) -> None:
-        """Write whole: a temporary name then rename (local), or one PUT (object stores are atomic per object)."""
-        path = self._path(rel)
-        if self.is_local:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        else:
-            self.fs.pipe_file(path, data)
+        write_whole(self.fs, self._path(rel), data)
 
     def write_text(self, rel: str, text: str) -> None:
         self.write_bytes(rel, text.encode())
@@ -73,6 +63,21 @@ class Storage:
             return
         old = self.fs.cat_file(path) if self.fs.exists(path) else b""
         self.fs.pipe_file(path, old + line.rstrip("\n").encode() + b"\n")
+
+
+def write_whole(fs, path: str, data: bytes) -> None:
+    """Readers see nothing or all of `data`: a temporary name then rename locally, one PUT on object stores."""
+    if isinstance(fs, fsspec.implementations.local.LocalFileSystem):
+        directory, name = os.path.split(path)
+        os.makedirs(directory or ".", exist_ok=True)
+        tmp = os.path.join(directory, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    else:
+        fs.pipe_file(path, data)  # an object store publishes an object only once it is complete
 
 
 def torch_bytes(obj) -> bytes:

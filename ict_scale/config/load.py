@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from typing import Iterable
 
 from omegaconf import OmegaConf
@@ -120,5 +121,20 @@ def _validate(cfg) -> None:
         raise ConfigError(f"need 0 < ict.sigma_min < ict.sigma_max; got {cfg.ict.sigma_min}, {cfg.ict.sigma_max}")
 
 
+_SECRET = re.compile(r"(key|secret|token|password|passwd|credential|session)", re.IGNORECASE)
+REDACTED = "<redacted>"
+
+
+def redact(node):
+    """A copy with every value under a secret-looking key (key, secret, token, password...) replaced."""
+    if isinstance(node, dict):
+        return {k: REDACTED if _SECRET.search(str(k)) and not isinstance(v, (dict, list)) else redact(v)
+                for k, v in node.items()}
+    if isinstance(node, list):
+        return [redact(v) for v in node]
+    return node
+
+
 def to_yaml(cfg) -> str:
-    return OmegaConf.to_yaml(cfg)
+    """The resolved config as YAML, for run directories and --dry-run: credentials never leave the process."""
+    return OmegaConf.to_yaml(OmegaConf.create(redact(OmegaConf.to_container(cfg, resolve=True))))

@@ -12,10 +12,10 @@ import importlib
 import json
 import os
 import time
-import uuid
 from typing import Any, Mapping
 
 import fsspec
+from ict_scale.checkpoint.storage import write_whole
 
 # The module, not the function of the same name that the webdataset package re-exports.
 wds_gopen = importlib.import_module("webdataset.gopen")
@@ -131,17 +131,7 @@ def list_sizes(dir_url: str, storage_options: Mapping | None = None) -> dict[str
 def write_atomic(url: str, data: bytes, storage_options: Mapping | None = None) -> None:
     """Write `data` so that readers see either nothing or all of it (temp + rename, or one whole upload)."""
     fs, path = filesystem(url, storage_options)
-    if protocol_of(url) == "file":
-        directory, name = os.path.split(path)
-        os.makedirs(directory or ".", exist_ok=True)
-        tmp = os.path.join(directory, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    else:
-        fs.pipe_file(path, data)  # an object store publishes an object only once it is complete
+    write_whole(fs, path, data)
 
 
 def join(base: str, name: str) -> str:

@@ -17,11 +17,7 @@ from ict_scale.parallel import comm
 def init_distributed() -> torch.device:
     """Join the torchrun job when WORLD_SIZE > 1; return this process's device (cuda:LOCAL_RANK or cpu)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not comm.is_initialized():
-        init = getattr(comm, "init_from_env", None)
-        if init is None:
-            raise RuntimeError("this build cannot join a multi-process job: ict_scale.parallel.comm.init_from_env "
-                               "is missing; run a single process (no torchrun)")
-        return init()
+        return comm.init_from_env()
     if torch.cuda.is_available():
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local_rank)
@@ -30,9 +26,7 @@ def init_distributed() -> torch.device:
 
 
 def shutdown_distributed() -> None:
-    destroy = getattr(comm, "destroy", None)
-    if comm.is_initialized() and destroy is not None:
-        destroy()
+    comm.destroy()
 
 
 def sampling_autocast(device: torch.device, precision: str):

@@ -54,3 +54,21 @@ def all_gather_object(obj) -> list:
     out = [None] * get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def init_from_env(timeout_s: float = 1800) -> torch.device:
+    """Join the job a launcher (torchrun, Slurm, DeepSpeed) started; return this rank's device.
+
+    For command-line tools outside training (evaluation, reference statistics); a world of one needs no group.
+    """
+    from .launch_env import device_for, init_process_group, read_launch_env
+    env = read_launch_env()
+    device = device_for(env)
+    if env.world_size > 1:
+        init_process_group(env, device, timeout_s)
+    return device
+
+
+def destroy() -> None:
+    if is_initialized():
+        dist.destroy_process_group()

@@ -72,3 +72,15 @@ def test_cli_reports_bad_key_with_exit_code_2():
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert "train.total_steps" in proc.stderr
+
+
+def test_secrets_are_never_written_or_printed(capsys):
+    from ict_scale.config import to_yaml
+    cfg = load_config([], ["data.storage_options={key: AKIAEXAMPLE, secret: s3cr3t, client_kwargs: "
+                           "{endpoint_url: 'http://127.0.0.1:9000', aws_session_token: tok}}"])
+    assert cfg.data.storage_options.secret == "s3cr3t"  # the run itself still has them
+    text = to_yaml(cfg)
+    assert "AKIAEXAMPLE" not in text and "s3cr3t" not in text and "tok" not in text.replace("token", "")
+    assert "http://127.0.0.1:9000" in text
+    assert main(["demo", "data.storage_options={secret: s3cr3t}", "--dry-run"]) == 0
+    assert "s3cr3t" not in capsys.readouterr().out

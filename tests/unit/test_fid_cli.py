@@ -60,3 +60,13 @@ def test_evaluate_a_trained_run_end_to_end(tmp_path, capsys):
     assert best["checkpoint"] == "checkpoints/step_000000002" and best["value"] == printed["fid_1step"]
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert lines[-1] == {"step": 2, "num": 3, "seconds": printed["seconds"], "fid_1step": printed["fid_1step"]}
+    # The same evaluation as two torchrun processes (3 samples split 2 + 1): the same FID.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "ict_scale.evaluate", run_dir, "--ref", ref, "--num-samples", "3", "--steps", "1",
+                           "--batch-per-rank", "2", "--random-inception", "0"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = json.loads(done.stdout[done.stdout.index("{"):])
+    assert two["world_size"] == 2 and two["num"] == 3
+    assert abs(two["fid_1step"] - printed["fid_1step"]) <= 1e-9 * printed["fid_1step"]

@@ -133,3 +133,22 @@ def test_resume_refuses_a_changed_recipe(tmp_path):
     assert "train.total_steps: checkpoint 2, now 4" in str(e.value) and "ict" in str(e.value)
     run = train(tiny_cfg(run_dir, "train.total_steps=2", "train.log_every=2"))  # logging may change
     assert run.step == 2
+
+
+def test_sample_and_export_command_lines(tmp_path):
+    import numpy as np
+    from safetensors.torch import load_file
+
+    from ict_scale import export, sample
+    run_dir = tmp_path / "run"
+    train(tiny_cfg(run_dir, "train.total_steps=2", "data.drop_labels=false"))
+    out = tmp_path / "s"
+    assert sample.main([str(run_dir), "--steps", "2", "--num", "5", "--out", str(out), "--class-label", "1"]) == 0
+    arr = np.load(f"{out}.npz")["arr_0"]
+    assert arr.shape == (5, 8, 8, 3) and arr.dtype == np.uint8  # ADM's layout: NHWC uint8
+    assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert export.main([str(run_dir), "--out", str(tmp_path / "m.safetensors")]) == 0
+    tensors = load_file(str(tmp_path / "m.safetensors"))
+    ema = weights(run_dir)
+    assert tensors.keys() == ema.keys() and all(torch.equal(tensors[k], ema[k]) for k in ema)
+    assert "total_steps: 2" in (tmp_path / "m.yaml").read_text()
