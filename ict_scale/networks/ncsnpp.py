@@ -10,6 +10,8 @@ which start at zero. So each block starts as (a rescaled) identity and the netwo
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import functools
 import math
 
@@ -140,7 +142,8 @@ class NCSNpp(nn.Module):
         check_inputs(x, noise_labels, class_labels, self.in_channels, self.img_resolution, self.label_dim)
         # The noise embedding stays fp32 under autocast: with Fourier scale 0.02, neighbouring sigmas of the
         # finest discretisation differ by ~1e-3 in these features, which bf16 would round away.
-        with torch.autocast(x.device.type, enabled=False):
+        fp32 = torch.autocast(x.device.type, enabled=False) if x.device.type in ("cpu", "cuda") else nullcontext()
+        with fp32:
             emb = self.map_noise(noise_labels.float())
             if self.map_label is not None:
                 emb = emb + self.map_label(class_labels)

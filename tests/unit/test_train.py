@@ -64,7 +64,7 @@ def test_run_directory_contents(tmp_path):
 
 def test_incomplete_checkpoint_is_never_resumed(tmp_path):
     run_dir = tmp_path / "run"
-    train(tiny_cfg(run_dir, "train.total_steps=2", "train.ckpt_every=1"))
+    train(tiny_cfg(run_dir, "train.total_steps=3", "train.ckpt_every=1", "train.max_steps_this_run=2"))
     # Simulate a save of step 5 that died mid-write: files present, no COMMIT marker.
     broken = run_dir / "checkpoints" / "step_000000005"
     broken.mkdir()
