@@ -140,13 +140,17 @@ class NCSNpp(nn.Module):
     def forward(self, x: torch.Tensor, noise_labels: torch.Tensor,
                 class_labels: torch.Tensor | None = None) -> torch.Tensor:
         check_inputs(x, noise_labels, class_labels, self.in_channels, self.img_resolution, self.label_dim)
-        # The noise embedding stays fp32 under autocast: with Fourier scale 0.02, neighbouring sigmas of the
-        # finest discretisation differ by ~1e-3 in these features, which bf16 would round away.
-        fp32 = torch.autocast(x.device.type, enabled=False) if x.device.type in ("cpu", "cuda") else nullcontext()
-        with fp32:
+        # The noise embedding runs in the weights' own dtype, not autocast's: with Fourier scale 0.02,
+        # neighbouring sigmas of the finest discretisation differ by ~1e-3 in these features, which bf16 would
+        # round away. (Where a wrapper keeps the weights themselves in bf16, as FSDP2 mixed precision does,
+        # the embedding follows them.)
+        no_autocast = torch.autocast(x.device.type, enabled=False) if x.device.type in ("cpu", "cuda") \
+            else nullcontext()
+        with no_autocast:
             emb = self.map_noise(noise_labels.float())
             if self.map_label is not None:
                 emb = emb + self.map_label(class_labels)
+            emb = emb.to(self.map_layer0.weight.dtype)
             emb = F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))
 
         aux, aux_down = x, iter(self.aux_down)
