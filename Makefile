@@ -43,6 +43,9 @@ test: install
 	bash tests/run.sh $(PY) $(PYTEST_ARGS)
 
 shards: install
+	@if [ "$(DATASET)" != synthetic ] && [ -z "$(SRC)" ]; then \
+	  echo "make shards DATASET=$(DATASET) needs SRC=...: cifar10: cifar-10-python.tar.gz; imagenet64: the folder of" \
+	       "Imagenet64_train_part*.npz files or a raw ImageNet train folder; folder: an image folder" >&2; exit 2; fi
 	$(PY) -m data_prep.make_shards --dataset $(DATASET) $(if $(SRC),--src $(SRC)) --out $(OUT) \
 		--shard-size $(SHARD_SIZE) --split $(SPLIT) $(if $(filter-out 0,$(WORKERS)),--workers $(WORKERS)) \
 		$(if $(NUM),--num $(NUM)) $(if $(RESOLUTION),--resolution $(RESOLUTION)) $(if $(NUM_CLASSES),--num-classes $(NUM_CLASSES))
