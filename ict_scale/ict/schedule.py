@@ -43,8 +43,10 @@ def num_scales_at(step: int, total_steps: int, s0: int = S0, s1: int = S1) -> in
 
 
 def num_scales_sqrt_at(step: int, total_steps: int, s0: int = 2, s1: int = 150) -> int:
-    # Note: the config passes ict.s0/ict.s1; original CT used s0=2, s1=150.
-    """Original CT curriculum N(k) = ceil(sqrt(k/K ((s1+1)^2 - s0^2) + s0^2) - 1) + 1 (Song et al. 2023, App. C)."""
+    """Original CT curriculum N(k) = ceil(sqrt(k/K ((s1+1)^2 - s0^2) + s0^2) - 1) + 1 (Song et al. 2023, App. C).
+
+    The trainer passes ict.s0/ict.s1, whose defaults are iCT's (10, 1280); original CT used 2 and 150.
+    """
     inner = step / total_steps * ((s1 + 1) ** 2 - s0 ** 2) + s0 ** 2
     return math.ceil(math.sqrt(inner) - 1) + 1
 

@@ -51,11 +51,11 @@ def apply_or_skip(run: Run, result, preempt: PreemptionFlag) -> bool:
 def write_grids(run: Run, tb: TensorBoard) -> None:
     cfg = run.cfg
     model = run.backend.eval_model(run.ema)
+    if run.backend.rank != 0:  # eval_model above is collective; sampling from its full copy is not
+        return
     shape = (3, cfg.data.resolution, cfg.data.resolution)
     z, renoise, labels = fixed_noise(cfg.train.grid_num, shape, cfg.train.seed,
                                      0 if cfg.data.drop_labels else cfg.data.num_classes, run.backend.device)
-    if run.backend.rank != 0:  # eval_model above is collective; sampling from its full copy is not
-        return
     for steps in (1, 2):
         with run.backend.autocast():
             images = sample_images(model, z, renoise, labels, cfg.ict.sigma_max, cfg.eval.sigma_mid, steps,

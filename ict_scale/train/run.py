@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import io
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from omegaconf import OmegaConf
@@ -36,7 +36,7 @@ class Run:
     images_seen: int = 0
     nonfinite_total: int = 0
     nonfinite_run: int = 0
-    extra: dict = field(default_factory=dict)
+    pending_save: tuple | None = None  # (step, PendingSave, images_seen) of a save whose COMMIT is due
 
     @property
     def accumulation(self) -> int:
@@ -111,7 +111,7 @@ def save_checkpoint(run: Run) -> str:
                  "loader": run.loader.state_dict()}
         run.storage.write_bytes(f"{run.ckpts.name(step)}/trainer_state.pt", torch_bytes(state))
         run.storage.write_text(f"{run.ckpts.name(step)}/config.yaml", to_yaml(run.cfg))
-    run.extra["pending_save"] = (step, pending, run.images_seen)
+    run.pending_save = (step, pending, run.images_seen)
     if not run.cfg.parallel.async_save:
         finish_pending_save(run)
     return url
@@ -119,9 +119,9 @@ def save_checkpoint(run: Run) -> str:
 
 def finish_pending_save(run: Run) -> None:
     """Wait until this rank's bytes of the last checkpoint are durable; then rank 0 marks it complete."""
-    if "pending_save" not in run.extra:
+    if run.pending_save is None:
         return
-    step, pending, images_seen = run.extra.pop("pending_save")
+    (step, pending, images_seen), run.pending_save = run.pending_save, None
     pending.wait()
     comm.barrier()
     if run.backend.rank == 0:

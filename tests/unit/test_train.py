@@ -117,7 +117,7 @@ def test_async_save_commits_every_checkpoint_and_resumes(tmp_path):
     run_dir = tmp_path / "run"
     run = train(tiny_cfg(run_dir, "train.total_steps=3", "train.ckpt_every=1", "train.keep_last=5",
                          "parallel.async_save=true", "train.max_steps_this_run=2"))
-    assert run.step == 2 and "pending_save" not in run.extra
+    assert run.step == 2 and run.pending_save is None
     assert CheckpointManager(Storage(str(run_dir))).complete_steps() == [1, 2]
     run = train(tiny_cfg(run_dir, "train.total_steps=3", "train.ckpt_every=1", "train.keep_last=5",
                          "parallel.async_save=true"))
