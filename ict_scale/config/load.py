@@ -15,6 +15,7 @@ _ENUMS = {
     "ict.metric": ("pseudo_huber", "l2"),
     "ict.index_sampling": ("lognormal", "uniform"),
     "ict.curriculum": ("doubling", "sqrt"),
+    "ict.teacher": ("student", "ema"),
     "train.precision": ("auto", "bf16", "fp32"),
     "parallel.backend": ("single", "ddp", "fsdp", "deepspeed"),
 }
@@ -119,6 +120,18 @@ def _validate(cfg) -> None:
         raise ConfigError(f"'train.ema_decay' must be in [0, 1); got {cfg.train.ema_decay}")
     if not 0 < cfg.ict.sigma_min < cfg.ict.sigma_max:
         raise ConfigError(f"need 0 < ict.sigma_min < ict.sigma_max; got {cfg.ict.sigma_min}, {cfg.ict.sigma_max}")
+    _validate_teacher(cfg)
+
+
+def _validate_teacher(cfg) -> None:
+    """The EMA teacher's rate, and the backends that can hold its full copy of the network."""
+    if not 0.0 <= cfg.ict.teacher_mu0 < 1.0:
+        raise ConfigError(f"'ict.teacher_mu0' must be in [0, 1); got {cfg.ict.teacher_mu0}")
+    # The teacher is a plain replica updated from the local parameters; sharded backends hold only a shard
+    # of those (FSDP2 DTensors, DeepSpeed partitions), so they would need a sharded teacher of their own.
+    if cfg.ict.teacher == "ema" and cfg.parallel.backend not in ("single", "ddp"):
+        raise ConfigError(f"ict.teacher=ema needs parallel.backend single or ddp; got parallel.backend="
+                          f"{cfg.parallel.backend} (use ict.teacher=student, iCT's teacher, with fsdp/deepspeed)")
 
 
 _SECRET = re.compile(r"(key|secret|token|password|passwd|credential|session)", re.IGNORECASE)

@@ -26,6 +26,8 @@ class ICTConfig:
     metric: str = "pseudo_huber"      # distance: pseudo_huber (iCT) | l2 (squared L2, original CT)
     index_sampling: str = "lognormal"  # interval index distribution: lognormal (iCT) | uniform (CT)
     curriculum: str = "doubling"      # N(k): doubling (iCT eq. 6) | sqrt (original CT; set s0=2, s1=150 for CT's)
+    teacher: str = "student"          # theta^-: student (iCT: stopgrad(theta)) | ema (original CT: mu(k) EMA of theta)
+    teacher_mu0: float = 0.9          # ema teacher: mu0 of mu(k) = exp(N(0) ln mu0 / N(k)) (CT Table 3: 0.9 on CIFAR-10)
 
 
 @dataclass
@@ -62,6 +64,7 @@ class TrainConfig:
     ema_decay: float = 0.99993        # evaluation EMA decay per step
     channels_last: bool = True        # NHWC memory format on CUDA
     compile: bool = False             # torch.compile each block (per-block, so a graph break stays local)
+    cudnn_benchmark: bool = True      # let cuDNN time its convolution algorithms once per shape (CUDA; static shapes)
     log_every: int = 50               # steps between metrics.jsonl lines
     grid_every: int = 5000            # steps between sample grids (0 = only at the end)
     grid_num: int = 64                # images per sample grid

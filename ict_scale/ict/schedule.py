@@ -51,6 +51,21 @@ def num_scales_sqrt_at(step: int, total_steps: int, s0: int = 2, s1: int = 150) 
     return math.ceil(math.sqrt(inner) - 1) + 1
 
 
+def ct_teacher_decay(num_scales: int, s0: int, mu0: float) -> float:
+    """mu(k) = exp(s0 ln(mu0) / N(k)): original CT's EMA-teacher rate (Song et al. 2023, App. C, Table 3), float64.
+
+    s0 is the curriculum's initial N, so mu(0) = mu0 and mu rises towards 1 as N(k) grows. mu0 = 0 gives
+    mu = 0, i.e. theta^- = theta: iCT's teacher (Song & Dhariwal 2023, §3.2).
+    """
+    if not 0.0 <= mu0 < 1.0:
+        raise ValueError(f"mu0 must be in [0, 1), got {mu0}")
+    if num_scales < 1 or s0 < 1:
+        raise ValueError(f"num_scales and s0 must be >= 1, got {num_scales}, {s0}")
+    if mu0 == 0.0:
+        return 0.0  # the limit of exp(s0 ln(mu0) / N) as mu0 -> 0; ln(0) itself is -inf
+    return math.exp(s0 * math.log(mu0) / num_scales)
+
+
 def lognormal_index_probs(sigmas: torch.Tensor, p_mean: float = P_MEAN, p_std: float = P_STD) -> torch.Tensor:
     """p(i) ∝ erf((ln s_{i+1} - P_mean)/(√2 P_std)) - erf((ln s_i - P_mean)/(√2 P_std)) (iCT eq. 7), float64."""
     cdf = torch.erf((torch.log(sigmas.to(torch.float64)) - p_mean) / (math.sqrt(2.0) * p_std))

@@ -1,7 +1,10 @@
-"""Evaluation-time EMA of the student (iCT §3.2: the EMA is for sampling only, never the teacher)."""
+"""Exponential moving averages of the student: the evaluation EMA (iCT §3.2) and original CT's EMA teacher."""
 from __future__ import annotations
 
+import copy
+
 import torch
+from torch import nn
 
 
 class EMA:
@@ -31,3 +34,31 @@ class EMA:
         """Write the EMA weights into `targets` (e.g. a model used for sampling)."""
         for n in self.names:
             targets[n].copy_(self.shadow[n])
+
+
+class EMATeacher:
+    """Original CT's teacher theta^- <- stopgrad(mu(k) theta^- + (1 - mu(k)) theta) (Song et al. 2023, Alg. 3).
+
+    A separate module, not the evaluation EMA: it is called by the training step's teacher pass, in
+    train mode, so that its dropout draws the same masks as the student's pass (consistency_pair forks
+    the RNG for that). It never takes part in autograd: its parameters do not require gradients.
+    """
+
+    def __init__(self, student: nn.Module):
+        # A deep copy of the placed module keeps its device, memory format and per-block transforms
+        # (compile, checkpointing): a compiled student with an eager teacher would draw other dropout masks.
+        self.module = copy.deepcopy(student).train().requires_grad_(False)
+        self.names = [n for n, _ in self.module.named_parameters()]
+
+    @torch.no_grad()
+    def update(self, targets: dict[str, torch.Tensor], mu: float) -> None:
+        """One step of the teacher's EMA towards the student's live parameters `targets` (by name)."""
+        params = dict(self.module.named_parameters())
+        teacher = [params[n] for n in self.names]
+        live = [targets[n].detach() for n in self.names]
+        # lerp(theta^-, theta, 1 - mu) == mu theta^- + (1 - mu) theta; mu = 0 copies the student exactly.
+        torch._foreach_lerp_(teacher, live, 1.0 - mu)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Parameters and buffers by name; the tensors share storage with the module, so a load fills it in place."""
+        return self.module.state_dict()

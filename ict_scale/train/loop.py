@@ -12,7 +12,7 @@ from .grids import fixed_noise, grid_png, sample_images
 from .run import DivergenceError, Run, evaluate, finish_pending_save, log_record, save_checkpoint, setup
 from .signals import PreemptionFlag
 from .tensorboard import TensorBoard
-from .step import train_step
+from .step import teacher_decay_for, train_step
 
 
 def next_micro_batches(run: Run, data_iter):
@@ -44,6 +44,9 @@ def apply_or_skip(run: Run, result, preempt: PreemptionFlag) -> bool:
         run.backend.optimizer_step()
         run.backend.zero_grad()
         run.ema.update(run.backend.ema_targets(), run.cfg.train.ema_decay)
+        if run.teacher is not None:  # original CT: theta^- follows theta at mu(k), after every applied step
+            run.teacher.update(run.backend.ema_targets(),
+                               teacher_decay_for(run.cfg.ict, result.num_scales, run.cfg.train.total_steps))
         run.nonfinite_run = 0
     return bool(stop)
 
@@ -80,7 +83,8 @@ def train(cfg) -> Run:
     started = time.perf_counter()
     try:
         while run.step < t.total_steps:
-            result = train_step(run.backend, next_micro_batches(run, data_iter), run.step, cfg)
+            result = train_step(run.backend, next_micro_batches(run, data_iter), run.step, cfg,
+                                teacher=run.teacher.module if run.teacher is not None else None)
             stop = apply_or_skip(run, result, preempt)
             run.step += 1
             run.images_seen += t.batch_size
@@ -108,7 +112,7 @@ def train(cfg) -> Run:
                 save_checkpoint(run)  # an evaluated step always has a checkpoint, so best.json can name it
             if eval_due and not stop:
                 result = evaluate(run)
-                console.print("  ".join(f"{k} {v:.3f}" for k, v in result.items() if k.startswith("fid_")))
+                console.print("  ".join(f"{k} {v:.3f}" for k, v in result.items() if k.startswith(("fid_", "fcd_"))))
             if done or stop:
                 if stop:
                     console.print(f"preemption signal {preempt.signum}: checkpoint written at step {run.step}")

@@ -9,12 +9,12 @@ import torch
 from omegaconf import OmegaConf
 
 from ict_scale.checkpoint import CheckpointManager, Storage, torch_bytes
-from ict_scale.config import ConfigError, to_yaml
+from ict_scale.config import Config, ConfigError, to_yaml
 from ict_scale.data import build_loader
 from ict_scale.parallel import comm
 from ict_scale.parallel.backend import build_backend
 
-from .ema import EMA
+from .ema import EMA, EMATeacher
 from .model import build_model, count_parameters
 
 
@@ -32,6 +32,7 @@ class Run:
     loader: object
     num_params: int
     evaluator: object = None
+    teacher: EMATeacher | None = None  # original CT's EMA teacher (ict.teacher=ema); None = iCT's, the student
     step: int = 0
     images_seen: int = 0
     nonfinite_total: int = 0
@@ -71,12 +72,22 @@ def setup(cfg) -> Run:
     loader = build_loader(cfg.data, batch_per_rank=cfg.train.batch_per_gpu, rank=backend.rank,
                           world_size=backend.world_size, seed=cfg.train.seed)
     run = Run(cfg, backend, storage, CheckpointManager(storage, cfg.train.keep_last), EMA(backend.ema_targets()),
-              loader, num_params, build_evaluator(cfg, backend))
+              loader, num_params, build_evaluator(cfg, backend), teacher=build_teacher(cfg, backend))
     if backend.rank == 0:
         storage.makedirs()
         storage.write_text("config.yaml", to_yaml(cfg))
     restore_latest(run)
     return run
+
+
+def build_teacher(cfg, backend) -> EMATeacher | None:
+    """Original CT's EMA teacher, initialised to the student's weights (after placement), or None for iCT's."""
+    if cfg.ict.teacher != "ema":
+        return None
+    if backend.name not in ("single", "ddp"):  # the config check says so too; a hand-built cfg may skip it
+        raise ConfigError(f"ict.teacher=ema needs parallel.backend single or ddp; got {backend.name}")
+    # backend.module is the unwrapped, placed network: DDP's wrapper (and its reducer) stays out of the copy.
+    return EMATeacher(backend.module)
 
 
 def build_evaluator(cfg, backend):
@@ -102,11 +113,11 @@ def save_checkpoint(run: Run) -> str:
     step = run.step
     url = run.ckpts.begin(step) if run.backend.rank == 0 else run.ckpts.url(step)
     comm.barrier()
-    pending = run.backend.save(url, run.ema.state_dict(), run.storage.storage_options,
+    pending = run.backend.save(url, averaged_tensors(run), run.storage.storage_options,
                                background=run.cfg.parallel.async_save)
     if run.backend.rank == 0:
         state = {"step": step, "images_seen": run.images_seen, "nonfinite_total": run.nonfinite_total,
-                 "nonfinite_run": run.nonfinite_run,
+                 "nonfinite_run": run.nonfinite_run, "teacher": run.cfg.ict.teacher,
                  "seed": run.cfg.train.seed, "world_size": run.backend.world_size,
                  "loader": run.loader.state_dict()}
         run.storage.write_bytes(f"{run.ckpts.name(step)}/trainer_state.pt", torch_bytes(state))
@@ -115,6 +126,21 @@ def save_checkpoint(run: Run) -> str:
     if not run.cfg.parallel.async_save:
         finish_pending_save(run)
     return url
+
+
+# Key prefix of the EMA teacher's tensors in the checkpoint's flat EMA dict; parameter names never start with it.
+TEACHER_PREFIX = "teacher/"
+
+
+def averaged_tensors(run: Run) -> dict[str, torch.Tensor]:
+    """The flat name -> tensor dict saved beside model and optimiser: the evaluation EMA, then the EMA teacher.
+
+    The tensors are the live ones (not copies), so a backend's load fills both in place.
+    """
+    tensors = dict(run.ema.state_dict())
+    if run.teacher is not None:
+        tensors.update({TEACHER_PREFIX + n: t for n, t in run.teacher.state_dict().items()})
+    return tensors
 
 
 def finish_pending_save(run: Run) -> None:
@@ -137,12 +163,16 @@ RESUME_INVARIANTS = ("ict", "model", "train.total_steps", "train.batch_size", "t
 
 def check_resume_config(cfg, saved_yaml: str, ckpt_url: str) -> None:
     """Refuse to continue a checkpoint under a config that would silently change the run."""
-    saved = OmegaConf.create(saved_yaml)
+    saved, defaults = OmegaConf.create(saved_yaml), OmegaConf.structured(Config)
     diffs = []
     for key in RESUME_INVARIANTS:
         old, new = OmegaConf.select(saved, key), OmegaConf.select(cfg, key)
         old = OmegaConf.to_container(old) if OmegaConf.is_config(old) else old
         new = OmegaConf.to_container(new) if OmegaConf.is_config(new) else new
+        if isinstance(old, dict) and isinstance(new, dict):
+            # A key added to a section after the checkpoint was written (e.g. ict.teacher) reads as its
+            # default, which is what that run used: old checkpoints stay resumable.
+            old = {**OmegaConf.to_container(OmegaConf.select(defaults, key)), **old}
         if old != new:
             diffs.append(f"{key}: checkpoint {old!r}, now {new!r}")
     if diffs:
@@ -155,11 +185,15 @@ def restore_latest(run: Run) -> bool:
     step = comm.broadcast_object(run.ckpts.latest())
     if step is None:
         return False
-    check_resume_config(run.cfg, run.storage.read_bytes(f"{run.ckpts.name(step)}/config.yaml").decode(),
-                        run.ckpts.url(step))
-    run.backend.load(run.ckpts.url(step), run.ema.state_dict(), run.storage.storage_options)
     raw = run.storage.read_bytes(f"{run.ckpts.name(step)}/trainer_state.pt")
     state = torch.load(io.BytesIO(raw), weights_only=True)
+    if run.teacher is not None and state.get("teacher", "student") != "ema":
+        raise ConfigError(f"cannot resume {run.ckpts.url(step)} with ict.teacher=ema: the checkpoint holds no "
+                          f"EMA-teacher weights (it was written with ict.teacher=student); set ict.teacher=student, "
+                          f"or give this run a new train.run_dir")
+    check_resume_config(run.cfg, run.storage.read_bytes(f"{run.ckpts.name(step)}/config.yaml").decode(),
+                        run.ckpts.url(step))
+    run.backend.load(run.ckpts.url(step), averaged_tensors(run), run.storage.storage_options)
     run.step, run.images_seen = int(state["step"]), int(state["images_seen"])
     run.nonfinite_total = int(state["nonfinite_total"])
     run.nonfinite_run = int(state.get("nonfinite_run", 0))

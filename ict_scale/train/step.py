@@ -6,8 +6,8 @@ from functools import lru_cache
 
 import torch
 
-from ict_scale.ict import METRICS, Discretisation, consistency_pair, num_scales_at, num_scales_sqrt_at, \
-    pseudo_huber_c, sample_intervals
+from ict_scale.ict import METRICS, Discretisation, consistency_pair, ct_teacher_decay, num_scales_at, \
+    num_scales_sqrt_at, pseudo_huber_c, sample_intervals
 
 
 @lru_cache(maxsize=4)
@@ -24,6 +24,12 @@ def num_scales_for(ict, step: int, total_steps: int) -> int:
     return num_scales_at(step, total_steps, ict.s0, ict.s1)
 
 
+def teacher_decay_for(ict, num_scales: int, total_steps: int) -> float:
+    """mu(k) of original CT's EMA teacher at a step whose curriculum gives N(k) = num_scales (CT App. C)."""
+    # s0 of CT's formula is the curriculum's initial N, so that mu(0) = teacher_mu0 under either curriculum.
+    return ct_teacher_decay(num_scales, num_scales_for(ict, 0, total_steps), ict.teacher_mu0)
+
+
 @dataclass
 class StepResult:
     loss: torch.Tensor        # mean weighted loss over the global step (this rank's share), device scalar
@@ -36,8 +42,11 @@ def micro_batch_seed(seed: int, step: int, position: int) -> int:
     return ((seed * 1_000_003 + step) * 2_654_435_761 + position) % (1 << 63)
 
 
-def train_step(backend, micro_batches, step: int, cfg) -> StepResult:
+def train_step(backend, micro_batches, step: int, cfg, teacher=None) -> StepResult:
     """Forward/backward over the micro-batches, then return loss and grad norm; the caller decides to step.
+
+    `teacher` is the module of theta^- (original CT's EMA teacher); None means iCT's teacher, the student's
+    current weights through backend.teacher().
 
     All randomness of a micro-batch (intervals, z, dropout masks) is drawn after seeding from (seed, step,
     position of the micro-batch in the global batch). The loader orders samples the same way, so a step is
@@ -48,6 +57,7 @@ def train_step(backend, micro_batches, step: int, cfg) -> StepResult:
     disc = discretisation(num_scales, ict.sigma_min, ict.sigma_max, ict.rho, ict.p_mean, ict.p_std,
                           ict.index_sampling)
     metric = METRICS[ict.metric]
+    teacher = teacher if teacher is not None else backend.teacher()
     total = torch.zeros((), device=backend.device)
     for i, (x, labels) in enumerate(micro_batches):
         torch.manual_seed(micro_batch_seed(cfg.train.seed, step, i * backend.world_size + backend.rank))
@@ -55,7 +65,7 @@ def train_step(backend, micro_batches, step: int, cfg) -> StepResult:
             sigma_lo, sigma_hi, weight = sample_intervals(disc, x.shape[0], device=x.device)
             z = torch.randn_like(x)  # one z per sample, shared by student and teacher (iCT eq. 8)
             with backend.autocast():
-                pred, target = consistency_pair(backend.model, backend.teacher(), x, z, sigma_lo, sigma_hi, labels)
+                pred, target = consistency_pair(backend.model, teacher, x, z, sigma_lo, sigma_hi, labels)
             loss = (weight * metric(pred, target, pseudo_huber_c(x.shape[1:]))).mean() / len(micro_batches)
             backend.backward(loss)
             total += loss.detach()
