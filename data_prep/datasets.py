@@ -177,10 +177,23 @@ def imagenet64(src: str, split: str) -> SampleSource:
     raise FileNotFoundError(f"{src}: neither Imagenet64 npz files for split {split!r} nor an image folder")
 
 
-def synthetic(num: int, num_classes: int, resolution: int, seed: int) -> SampleSource:
-    """The built-in procedural data set (ict_scale.data.synthetic), indices 0..num-1."""
+# First global index of each synthetic split. Training on `source: synthetic` streams indices 0, 1, 2, ...
+# (about 4e8 for a full 400k x 1024 run), so "val" starts far beyond anything a run reads: held-out images
+# of the same distribution, never seen in training.
+SYNTHETIC_SPLIT_FIRST = {"train": 0, "val": 1 << 40}
+
+
+def synthetic(num: int, num_classes: int, resolution: int, seed: int, split: str = "train") -> SampleSource:
+    """The built-in procedural data set (ict_scale.data.synthetic), indices first..first+num-1 of `split`."""
     if num <= 0:
         raise ValueError(f"synthetic needs --num > 0, got {num}")
-    return SampleSource("synthetic", f"synthetic(seed={seed})", num, resolution, num_classes,
+    if split not in SYNTHETIC_SPLIT_FIRST:
+        raise ValueError(f"synthetic --split must be one of {sorted(SYNTHETIC_SPLIT_FIRST)}, got {split!r}")
+    first = SYNTHETIC_SPLIT_FIRST[split]
+    # The train description is unchanged from before splits existed, so earlier manifests still resume.
+    description = f"synthetic(seed={seed})" if split == "train" else \
+        f"synthetic(seed={seed}, split={split}, first_index={first})"
+    return SampleSource("synthetic", description, num, resolution, num_classes,
                         [str(i) for i in range(num_classes)] or None,
-                        lambda idx: SyntheticPayload(np.asarray(idx, dtype=np.int64), seed, resolution, num_classes))
+                        lambda idx: SyntheticPayload(np.asarray(idx, dtype=np.int64) + first, seed, resolution,
+                                                     num_classes))

@@ -41,7 +41,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--src", default="", help="cifar-10-python.tar.gz | Imagenet64 npz dir/file or raw ImageNet "
                                              "train folder | image folder (unused for synthetic)")
     p.add_argument("--out", required=True, help="output directory or s3:// prefix (one split per --out)")
-    p.add_argument("--split", default="train", help="cifar10: train|test; imagenet64 npz: train|val")
+    p.add_argument("--split", default="train", help="cifar10: train|test; imagenet64 npz: train|val; "
+                                                    "synthetic: train|val (val: indices from 2**40 on, disjoint)")
     p.add_argument("--shard-size", type=int, default=256, help="samples per shard")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="encoder processes (0 = in-process)")
     p.add_argument("--resolution", type=int, default=0, help="folder/synthetic image side (required for folder)")
@@ -63,7 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def open_source(args) -> datasets.SampleSource:
     if args.dataset == "synthetic":
-        return datasets.synthetic(args.num, args.num_classes, args.resolution or 32, args.seed)
+        return datasets.synthetic(args.num, args.num_classes, args.resolution or 32, args.seed, args.split)
     if not args.src:
         raise SystemExit(f"--dataset {args.dataset} needs --src")
     if args.dataset == "cifar10":

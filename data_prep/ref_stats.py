@@ -1,8 +1,10 @@
-"""`python -m data_prep.ref_stats --data SOURCE --out FILE`: FID reference statistics of a data set.
+"""`python -m data_prep.ref_stats --data SOURCE --out FILE`: FID (or FCD) reference statistics of a data set.
 
 SOURCE is anything `data.source` accepts (a manifest, a shard pattern or directory, local or s3://, or
-`synthetic`). The images pass through the same uint8 -> Inception pipeline and float64 reduction as the
-generated samples. Works on one process or under torchrun (each rank reads its share of the images).
+`synthetic`). The images pass through the same uint8 -> features pipeline and float64 reduction as the
+generated samples: Inception by default, or with `--features classifier --classifier-weights FILE` our
+trained classifier (for the FCD; the file's sha256 is recorded and evaluations with other weights refuse it).
+Works on one process or under torchrun (each rank reads its share of the images).
 The output .npz holds mu, sigma, and meta (a JSON string: protocol, source, count); --keep-features
 also stores the features, which precision/recall needs.
 """
@@ -13,7 +15,7 @@ import json
 import sys
 
 from ict_scale.data import DataConfig, build_loader
-from ict_scale.eval import build_inception, save_ref_stats
+from ict_scale.eval import build_classifier_features, build_inception, save_ref_stats
 from ict_scale.eval.inception import WEIGHTS_SHA256
 from ict_scale.eval.data_stats import dataset_statistics
 from ict_scale.eval.runtime import init_distributed, shutdown_distributed
@@ -40,7 +42,10 @@ def parse_args(argv):
                    help="expected sha256 of the weights file; '' accepts other weights (FIDs then not comparable)")
     p.add_argument("--random-inception", type=int, metavar="SEED",
                    help="seeded random Inception weights: for tests and timing only")
-    p.add_argument("--keep-features", action="store_true", help="also store the (N, 2048) features")
+    p.add_argument("--features", choices=("inception", "classifier"), default="inception",
+                   help="feature network: inception (FID) or classifier (FCD, needs --classifier-weights)")
+    p.add_argument("--classifier-weights", default="", help="classifier .safetensors (data_prep.train_classifier)")
+    p.add_argument("--keep-features", action="store_true", help="also store the (N, D) features")
     p.add_argument("--storage-options", default="{}", help="fsspec options as JSON (data and output)")
     return p.parse_args(argv)
 
@@ -51,6 +56,16 @@ def data_config(args, storage_options: dict) -> DataConfig:
     return DataConfig(source=args.data, resolution=args.resolution, num_classes=args.num_classes if synthetic else 0,
                       drop_labels=True, hflip=False, shuffle=False, num_workers=args.workers,
                       storage_options=storage_options, synthetic_seed=args.synthetic_seed)
+
+
+def feature_network(args, device, storage_options: dict):
+    """The --features network from its weights."""
+    if args.features == "classifier":
+        if args.random_inception is not None:
+            raise SystemExit("error: --random-inception applies to --features inception only")
+        return build_classifier_features(args.classifier_weights, device, storage_options=storage_options)
+    return build_inception(args.inception_weights, device, sha256=args.inception_sha256 or None,
+                           storage_options=storage_options, random_seed=args.random_inception)
 
 
 def main(argv=None) -> int:
@@ -64,8 +79,7 @@ def main(argv=None) -> int:
         if num < 2 or (loader.epoch_size and num > loader.epoch_size):
             raise SystemExit(f"error: --num {num}: expected 2..{loader.epoch_size or 'any'} images of {args.data} "
                              f"(synthetic data needs --num)")
-        features = build_inception(args.inception_weights, device, sha256=args.inception_sha256 or None,
-                                   storage_options=storage_options, random_seed=args.random_inception)
+        features = feature_network(args, device, storage_options)
         source = {"data": args.data, "num": num, "resolution": args.resolution, "fingerprint": loader.fingerprint,
                   "order": "unshuffled, no flip"}
         try:
@@ -75,7 +89,7 @@ def main(argv=None) -> int:
         if comm.get_rank() == 0:
             save_ref_stats(args.out, mu, sigma, meta, feats, storage_options)
             print(f"wrote {args.out}: {num} images of {args.data}, {meta['seconds']:.1f} s, "
-                  f"Inception weights {features.protocol['weights']}")
+                  f"{args.features} weights {features.protocol['weights']}")
         comm.barrier()  # the file exists before any rank exits
     finally:
         shutdown_distributed()

@@ -1,5 +1,9 @@
 """`python -m ict_scale.evaluate RUN_DIR_OR_CKPT --ref REF [--num 50000] [--steps 1 2]`: FID of a trained model.
 
+With `--features classifier --classifier-weights FILE` it computes the FCD (Frechet Classifier Distance: the
+same distance on our trained classifier's features; result keys fcd_<k>step) against a reference made with
+`python -m data_prep.ref_stats ... --features classifier --classifier-weights FILE`.
+
 Runs on one process or under torchrun (each rank generates its own share of the samples; the result does
 not depend on the number of processes). Writes metrics.jsonl, fid.json and best.json into the run
 directory (or --out-dir) and prints the result as JSON.
@@ -45,6 +49,9 @@ def parse_args(argv):
     p.add_argument("--sigma-mid", type=float, help="two-step intermediate level (default: the run's)")
     p.add_argument("--inception-weights", help="path/URL of pt_inception-2015-12-05-6726825d.pth "
                                                "(default: eval.inception_weights, then $ICT_INCEPTION_WEIGHTS)")
+    p.add_argument("--features", choices=("inception", "classifier"),
+                   help="feature network (default: the run's eval.features): inception (FID) or classifier (FCD)")
+    p.add_argument("--classifier-weights", help="classifier .safetensors (default: eval.classifier_weights)")
     p.add_argument("--batch-per-rank", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--precision-recall", action="store_true", help="also improved precision/recall (k=3)")
@@ -60,6 +67,7 @@ def eval_config(run_eval: EvalConfig, args) -> EvalConfig:
     """The run's eval section with the command line's values on top."""
     overrides = {"ref": args.ref, "num": args.num, "steps": args.steps, "sigma_mid": args.sigma_mid,
                  "inception_weights": args.inception_weights, "batch_per_rank": args.batch_per_rank,
+                 "features": args.features, "classifier_weights": args.classifier_weights,
                  "seed": args.seed, "precision_recall": args.precision_recall or None}
     base = {f.name: getattr(run_eval, f.name) for f in dataclasses.fields(EvalConfig)}
     base.update({k: v for k, v in overrides.items() if v is not None})
@@ -75,6 +83,8 @@ def main(argv=None) -> int:
         cfg = eval_config(run_cfg.eval, args)
         if not cfg.ref:
             raise SystemExit("error: no reference statistics: pass --ref or set eval.ref in the run config")
+        if args.random_inception is not None and cfg.features != "inception":
+            raise SystemExit("error: --random-inception applies to --features inception only")
         features = None if args.random_inception is None else \
             build_inception(device=device, random_seed=args.random_inception)
         evaluator = FIDEvaluator(cfg, device, features=features)

@@ -1,5 +1,9 @@
-"""FID evaluation: Inception features, float64 statistics, Frechet distance, distributed generation, references."""
+"""FID/FCD evaluation: feature networks (Inception or our classifier), float64 statistics, Frechet distance,
+distributed generation, references."""
+from .classifier import (ClassifierFeatures, ClassifierSpec, ClassifierWeightsError, SmallClassifier,
+                         build_classifier_features, load_classifier, save_classifier)
 from .config import SIGMA_MID_BY_RECIPE, EvalConfig, check_eval_config
+from .features import FEATURE_EXTRACTORS, build_features, extractor_of, feature_dim_of, metric_of
 from .fid import FIDEvaluator, SampleSpec, check_compatible, sample_spec
 from .frechet import FEATURE_DIM, FeatureMoments, FrechetTerms, all_reduce_moments, frechet_distance
 from .generate import generate_uint8, rank_indices, sample_inputs, sample_rng, sampling_sigmas
@@ -10,6 +14,9 @@ from .records import best_metric, record_result
 from .reference import RefStats, load_ref_stats, save_ref_stats
 
 __all__ = [
+    "ClassifierFeatures", "ClassifierSpec", "ClassifierWeightsError", "SmallClassifier", "build_classifier_features",
+    "load_classifier", "save_classifier", "FEATURE_EXTRACTORS", "build_features", "extractor_of", "feature_dim_of",
+    "metric_of",
     "SIGMA_MID_BY_RECIPE", "EvalConfig", "check_eval_config", "FIDEvaluator", "SampleSpec", "check_compatible",
     "sample_spec", "FEATURE_DIM", "FeatureMoments", "FrechetTerms", "all_reduce_moments", "frechet_distance",
     "generate_uint8", "rank_indices", "sample_inputs", "sample_rng", "sampling_sigmas", "WEIGHTS_ENV",

@@ -14,6 +14,8 @@ class EvalConfig:
     sigma_mid: float = 0.821           # two-step intermediate level (0.821 CIFAR-10, 1.526 ImageNet-64); also used by grids
     inception_weights: str = ""        # path/URL of pt_inception-2015-12-05-6726825d.pth; "" = $ICT_INCEPTION_WEIGHTS
     inception_sha256: str = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"  # expected file; "" accepts other weights (FIDs then not comparable with published ones)
+    features: str = "inception"        # inception (FID, the published protocol) | classifier (FCD, offline)
+    classifier_weights: str = ""       # features=classifier: .safetensors from `python -m data_prep.train_classifier`
     ref: str = ""                      # reference statistics (.npz: ours, EDM's mu/sigma, or ADM's reference batch)
     batch_per_rank: int = 256          # samples generated and scored per forward on each rank
     precision_recall: bool = False     # also compute improved precision/recall (k=3); the ref file must hold features
@@ -26,6 +28,8 @@ SIGMA_MID_BY_RECIPE = {"cifar10": 0.821, "imagenet64": 1.526}
 
 def check_eval_config(cfg: EvalConfig) -> None:
     """Reject values the evaluation cannot run with, naming the key."""
+    if cfg.features not in ("inception", "classifier"):
+        raise ValueError(f"eval.features={cfg.features!r}: expected inception or classifier")
     if cfg.num < 2:
         raise ValueError(f"eval.num={cfg.num}: need at least 2 samples for a covariance")
     if not cfg.steps or any(k not in (1, 2) for k in cfg.steps) or len(set(cfg.steps)) != len(cfg.steps):

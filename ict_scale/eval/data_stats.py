@@ -14,15 +14,15 @@ import torch
 from ict_scale.data.order import rank_positions
 from ict_scale.parallel import comm
 
-from .frechet import FEATURE_DIM, FeatureMoments, all_reduce_moments
-from .inception import InceptionFeatures
+from .features import feature_dim_of
+from .frechet import FeatureMoments, all_reduce_moments
 
 STATS_FORMAT = "ict_scale.ref_stats/1"
 
 
-def loader_moments(loader, features: InceptionFeatures, num: int, keep_features: bool = False):
+def loader_moments(loader, features, num: int, keep_features: bool = False):
     """This rank's FeatureMoments of positions [0, num) of `loader` (fresh, unshuffled), and its kept features."""
-    moments, kept = FeatureMoments(FEATURE_DIM, features.device), []
+    moments, kept = FeatureMoments(feature_dim_of(features.protocol), features.device), []
     j = 0
     while True:
         positions = rank_positions(0, j, loader.batch_per_rank, loader.rank, loader.world_size)
@@ -37,7 +37,7 @@ def loader_moments(loader, features: InceptionFeatures, num: int, keep_features:
     return moments, kept
 
 
-def dataset_statistics(loader, features: InceptionFeatures, num: int, source: dict, keep_features: bool = False):
+def dataset_statistics(loader, features, num: int, source: dict, keep_features: bool = False):
     """(mu, sigma, meta, features or None) of the first `num` images, summed over all ranks with one all-reduce.
 
     Every rank gets the same result. `source` (what was read) is recorded in meta with the protocol.
@@ -51,7 +51,7 @@ def dataset_statistics(loader, features: InceptionFeatures, num: int, source: di
     mu, sigma = moments.mean_cov()
     gathered = None
     if keep_features:
-        parts = comm.all_gather_object(torch.cat(kept) if kept else torch.empty(0, FEATURE_DIM))
+        parts = comm.all_gather_object(torch.cat(kept) if kept else torch.empty(0, feature_dim_of(features.protocol)))
         gathered = torch.cat(parts).numpy().astype(np.float32)
     meta = {"format": STATS_FORMAT, "count": num, "protocol": features.protocol, "source": source,
             "resolution": source.get("resolution"), "world_size": comm.get_world_size(),

@@ -16,9 +16,10 @@ import io
 import os
 import sys
 
-import fsspec
 import torch
 from torch import nn
+
+from .weights_file import read_verified
 
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 # sha256 of that file (95,628,359 bytes). torch-fidelity ships the same bytes as
@@ -49,16 +50,7 @@ def resolve_weights_url(configured: str | None = "") -> str:
 
 def read_weights(url: str, sha256: str | None = WEIGHTS_SHA256, storage_options: dict | None = None) -> bytes:
     """The weight file's bytes, after checking their sha256 (`sha256=None` skips the check)."""
-    try:
-        with fsspec.open(url, "rb", **(storage_options or {})) as f:
-            data = f.read()
-    except FileNotFoundError as err:
-        raise InceptionWeightsError(f"Inception weights not found at {url!r}: {_how_to_get()}") from err
-    digest = hashlib.sha256(data).hexdigest()
-    if sha256 is not None and digest != sha256.lower():
-        raise InceptionWeightsError(f"Inception weights at {url!r} have sha256 {digest}, expected {sha256} "
-                                    f"({len(data):,} bytes read): wrong or damaged file; {_how_to_get()}")
-    return data
+    return read_verified(url, sha256, storage_options, InceptionWeightsError, "Inception weights", _how_to_get())[0]
 
 
 def fidelity_inception_class() -> type:
@@ -150,6 +142,8 @@ def exact_fp32():
 
 class InceptionFeatures:
     """Callable: uint8 RGB images (N, 3, H, W) -> float32 (N, 2048) pool3 features, in exact fp32."""
+    metric = "fid"
+    dim = 2048  # pool3
 
     def __init__(self, network: nn.Module, device: torch.device, protocol: dict):
         self.network, self.device, self.protocol = network, device, protocol
@@ -186,7 +180,8 @@ def build_inception(weights: str | None = "", device: torch.device | str = "cpu"
             raise InceptionWeightsError(f"Inception weights {source!r} are not a plain state dict: {err}") from err
     network = fidelity_inception_class()("inception-v3-compat", ["2048"],
                                          feature_extractor_weights_path=io.BytesIO(data))
-    protocol = {"network": "inception-v3 2015-12-05 (TF graph) pool3, 2048-d", "library": f"torch-fidelity "
+    protocol = {"extractor": "inception", "metric": "fid", "feature_dim": InceptionFeatures.dim,
+                "network": "inception-v3 2015-12-05 (TF graph) pool3, 2048-d", "library": f"torch-fidelity "
                 f"{fidelity_version()}", "input": "uint8 RGB", "resize": "TF1 bilinear to 299x299, align_corners="
                 "False, no antialias", "arithmetic": "float32, TF32 off, autocast off", "weights_sha256": digest,
                 "official_weights": digest == WEIGHTS_SHA256, "weights": source}

@@ -3,7 +3,8 @@
 - ours:  mu (D,), sigma (D, D) float64, meta (a JSON string: protocol, source, count), optional features (N, D)
 - EDM:   mu, sigma
 - ADM:   the reference batch: arr_0 (the images; not needed for FID and ignored), mu, sigma (+ mu_s, sigma_s)
-All three hold Inception-v3 pool3 statistics of the same TF graph, so they are interchangeable.
+All three can hold Inception-v3 pool3 statistics of the same TF graph, so those are interchangeable; ours may
+instead hold our classifier's features (meta.protocol.extractor says which; EDM/ADM files are Inception's).
 """
 from __future__ import annotations
 
