@@ -7,6 +7,7 @@ sufficient and may be loaded on any number of ranks with any number of workers.
 from __future__ import annotations
 
 import itertools
+import signal
 from collections import Counter, deque
 
 import torch
@@ -15,6 +16,16 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ict_scale.data.order import flip_mask, rank_positions
 
 STATE_VERSION = 1
+
+
+def ignore_preemption_signals(_worker_id: int) -> None:
+    """Workers leave SIGTERM/SIGUSR1 to the trainer, which saves a checkpoint and then stops them.
+
+    Slurm, `timeout` and container runtimes signal the whole process group. A worker that died of the
+    signal would make the DataLoader raise in the trainer before it could write its preemption checkpoint.
+    """
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class RankStream(IterableDataset):
@@ -90,7 +101,8 @@ class StreamingLoader:
             kwargs = dict(prefetch_factor=self.prefetch_batches,
                           multiprocessing_context=self.worker_start_method or None)
         loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers,
-                            pin_memory=self.pin_memory and torch.cuda.is_available(), **kwargs)
+                            pin_memory=self.pin_memory and torch.cuda.is_available(),
+                            worker_init_fn=ignore_preemption_signals if self.num_workers > 0 else None, **kwargs)
         return iter(loader)
 
     def __iter__(self):

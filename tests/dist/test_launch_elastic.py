@@ -112,3 +112,22 @@ def test_torchrun_script_joins_two_agents_through_c10d_rendezvous(tmp_path):
         assert agent.returncode == 0, err[-3000:]
     assert any(started(out, "ddp", 2, 0, run_dir) for out, _ in outputs)
     checkpoint(run_dir, 2)
+
+
+def test_sigterm_to_the_process_group_with_loader_workers_still_checkpoints(tmp_path):
+    # Slurm and `timeout` signal every process of the group, DataLoader workers included: the workers must
+    # leave the signal to the trainer, or their deaths abort the run before its preemption checkpoint.
+    run_dir = str(tmp_path / "run")
+    args = [*TINY, f"train.run_dir={run_dir}", "data.num_workers=2", "train.total_steps=100000",
+            "train.ckpt_every=100000"]
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "tests", "dist", "workers", "train.py"), *args],
+                            cwd=REPO, env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    wait_for_steps(run_dir, proc, steps=3)
+    os.killpg(proc.pid, signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-3000:]
+    steps = [int(d.split("_")[1]) for d in os.listdir(os.path.join(run_dir, "checkpoints"))]
+    assert len(steps) == 1 and 3 <= steps[0] < 100000, steps
+    checkpoint(run_dir, steps[0])
+    assert f"preemption signal {int(signal.SIGTERM)}: checkpoint written at step {steps[0]}" in stdout, stderr[-3000:]
