@@ -54,7 +54,10 @@ RES ?= 32
 ref-stats: install
 	$(PY) -m data_prep.ref_stats --data $(DATA) --out $(OUT) --resolution $(RES) $(if $(NUM),--num $(NUM))
 
+# The training-step benchmark; on a GPU machine e.g. BENCH_ARGS="cifar10 --modes fp32_eager,tuned --batch-per-gpu 256"
+BENCH_ARGS ?= demo --modes fp32_eager,bf16_cl --steps 10 --out bench/results/train_local_demo.json
 bench: install
+	$(PY) -m ict_scale.bench $(BENCH_ARGS)
 	$(PY) bench/data_throughput.py
 	$(PY) bench/fid_bench.py --num 64 --tiny --batch-per-rank 16 --iters 1
 

@@ -66,7 +66,13 @@ class Resample2x(nn.Module):
 
 
 def fir_resample(x: torch.Tensor, taps: torch.Tensor, mode: str) -> torch.Tensor:
-    """upfirdn2d by a factor of 2 (score-SDE's padding for an even, symmetric K) as a grouped conv."""
+    """upfirdn2d by a factor of 2 (score-SDE's padding for an even, symmetric K) as a grouped conv.
+
+    Under torch.compile the same filter runs as shifted slices (`fir_resample_separable`), which Inductor
+    fuses with the neighbouring element-wise ops into one kernel; eager mode keeps the single grouped conv.
+    """
+    if torch.compiler.is_compiling():
+        return fir_resample_separable(x, taps, mode)
     C, K = x.shape[1], taps.shape[-1]
     w = taps.to(dtype=x.dtype).expand(C, 1, K, K)
     if mode == "down":
@@ -74,6 +80,28 @@ def fir_resample(x: torch.Tensor, taps: torch.Tensor, mode: str) -> torch.Tensor
     # conv_transpose with stride 2 is zero-stuffing followed by the filter; padding K/2 - 1 gives
     # exactly upfirdn's pad (K/2, K/2 - 1) on the stuffed signal, and 4 restores unit gain.
     return F.conv_transpose2d(x, w * 4, stride=2, padding=K // 2 - 1, groups=C)
+
+
+def _fir_1d(x: torch.Tensor, k: torch.Tensor, dim: int, mode: str) -> torch.Tensor:
+    """One axis of the separable filter: 2x down (stride-2 correlation) or 2x up (zero-stuff, then filter)."""
+    K, n = k.numel(), x.shape[dim]
+    if mode == "up":
+        # Zero-stuffing then correlating with gain-2 taps == conv_transpose(stride 2, padding K/2 - 1).
+        x = torch.stack([x, torch.zeros_like(x)], dim=dim + 1).flatten(dim, dim + 1)
+        k, lo, hi, out_len, stride = k * 2, K // 2, K // 2 - 1, 2 * n, 1
+    else:
+        lo = hi = (K - 2) // 2
+        out_len, stride = n // 2, 2
+    pad = [0, 0] * (x.ndim - 1 - dim) + [lo, hi]
+    x = F.pad(x, pad)
+    return sum(k[j] * x.narrow(dim, j, stride * (out_len - 1) + 1)[(slice(None),) * dim + (slice(None, None, stride),)]
+               for j in range(K))
+
+
+def fir_resample_separable(x: torch.Tensor, taps: torch.Tensor, mode: str) -> torch.Tensor:
+    """fir_resample as two 1-D passes of shifted slices (taps = outer(k, k) / sum(k)^2 is separable)."""
+    k = taps[0, 0].sum(dim=0).to(dtype=x.dtype)  # the row sums of outer(k, k)/s^2 are k/s: the 1-D taps
+    return _fir_1d(_fir_1d(x, k, 2, mode), k, 3, mode)
 
 
 class SelfAttention(nn.Module):

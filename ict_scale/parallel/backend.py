@@ -56,6 +56,9 @@ class Backend:
         shards. channels_last inputs (train.channels_last) still select the NHWC convolution kernels.
         """
         module = module.to(self.device)
+        if self.device.type == "cuda":
+            # Every step has the same shapes, so cuDNN's one-off algorithm search per shape pays back at once.
+            torch.backends.cudnn.benchmark = bool(self.cfg.train.cudnn_benchmark)
         if self.cfg.train.channels_last and self.device.type == "cuda" and channels_last_weights:
             module.to(memory_format=torch.channels_last)
         if self.cfg.parallel.activation_checkpointing:

@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ict_scale.networks import NETWORKS, build_network, network_c_noise
-from ict_scale.networks.layers import Resample2x, SelfAttention, fir_resample, fir_taps
+from ict_scale.networks.layers import Resample2x, SelfAttention, fir_resample, fir_resample_separable, fir_taps
 
 # Small versions of every recipe: 16x16, two levels, one block per level, attention at 8x8.
 TINY = dict(img_resolution=16, model_channels=32, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(8,))
@@ -231,7 +231,7 @@ def upfirdn2d_reference(x: torch.Tensor, kernel, up: int, down: int, pad: tuple[
     return out.reshape(B, C, *out.shape[-2:])
 
 
-@pytest.mark.parametrize("kernel", [(1, 3, 3, 1), (1, 1)])
+@pytest.mark.parametrize("kernel", [(1, 3, 3, 1), (1, 1), (1, 5, 10, 10, 5, 1)])
 def test_fir_resampling_matches_upfirdn(kernel):
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     p = len(kernel) - 2
@@ -243,6 +243,9 @@ def test_fir_resampling_matches_upfirdn(kernel):
     # The (1, 1) fast path (nearest / average pool) is the same operator.
     torch.testing.assert_close(Resample2x("down", kernel)(x.float()), down.float())
     torch.testing.assert_close(Resample2x("up", kernel)(x.float()), up.float())
+    # The slice form that compiled code uses is the same operator too.
+    torch.testing.assert_close(fir_resample_separable(x, taps, "down"), down)
+    torch.testing.assert_close(fir_resample_separable(x, taps, "up"), up)
 
 
 def test_attention_matches_direct_softmax():

@@ -1,0 +1,58 @@
+"""The training benchmark drives the real step and reports consistent numbers (CPU, a tiny network)."""
+import json
+
+import pytest
+
+from ict_scale.bench.__main__ import main
+from ict_scale.bench.measure import datasheet_tflops, parse_mode, step_flops_per_image
+from ict_scale.bench.profile import kernel_kind
+from ict_scale.config import load_config
+
+TINY = ["model.model_channels=8", "model.channel_mult=[1,2]", "data.resolution=8", "train.batch_per_gpu=4",
+        "data.num_workers=0"]
+
+
+def test_bench_writes_every_mode_and_loader(tmp_path):
+    out = tmp_path / "bench.json"
+    assert main(["demo", *TINY, "--modes", "fp32_eager,wide:model.model_channels=16", "--loaders", "device,real",
+                 "--steps", "2", "--warmup", "1", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["environment"]["torch"] and data["environment"]["world_size"] == 1
+    runs = {(r["mode"], r["loader"]): r for r in data["results"]}
+    assert set(runs) == {(m, l) for m in ("fp32_eager", "wide") for l in ("device", "real")}
+    for r in runs.values():
+        assert r["img_s_per_gpu"] == pytest.approx(4 / (r["step_ms"] / 1e3))
+        phases = r["phases_ms"]
+        assert {"teacher_fwd", "student_fwd", "backward", "optimizer", "ema"} <= set(phases)
+        parts = sum(v for k, v in phases.items() if k not in ("step", "other"))
+        assert parts + phases["other"] == pytest.approx(phases["step"])
+        assert 0 < parts <= phases["step"] * 1.01
+        assert r["mfu_datasheet"] is None  # no datasheet peak for a CPU
+    assert runs[("wide", "device")]["params"] > runs[("fp32_eager", "device")]["params"]
+    # The same weights and batches: the device-data losses of one mode repeat exactly on the same machine.
+    assert runs[("fp32_eager", "device")]["loss_mean"] > 0
+
+
+def test_step_flops_are_four_forwards_of_the_recipe():
+    cfg = load_config(["configs/cifar10.yaml"])
+    assert step_flops_per_image(cfg) / 1e9 == pytest.approx(4 * 42.47, rel=0.01)  # 171 GFLOP per image
+
+
+def test_modes_and_names():
+    assert parse_mode("bf16_cl")[1][:3] == ["train.precision=bf16", "train.channels_last=true", "train.compile=false"]
+    assert parse_mode("bf16_cl:train.batch_per_gpu=8")[1][-1] == "train.batch_per_gpu=8"
+    with pytest.raises(ValueError, match="fast"):
+        parse_mode("fast")
+    with pytest.raises(ValueError, match="key=value"):
+        parse_mode("x:train.compile")
+    assert datasheet_tflops("NVIDIA H100 80GB HBM3") == 989.4 and datasheet_tflops("NVIDIA H100 PCIe") == 756.0
+    assert kernel_kind("ncclDevKernel_AllReduce_Sum_bf16") == "communication"
+    assert kernel_kind("sm90_xmma_fprop_implicit_gemm_bf16") == "conv/matmul"
+    assert kernel_kind("triton_per_fused_native_group_norm_silu_3") == "normalisation"
+    assert kernel_kind("pytorch_flash::flash_fwd_kernel") == "attention"
+
+
+def test_bad_arguments_exit_2(capsys):
+    assert main(["no_such_recipe"]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert main(["demo", "--modes", "fast"]) == 2
