@@ -1,0 +1,132 @@
+"""Curves and the ablation table of the quality runs (bench/quality/run_ablation.sh).
+
+    python bench/quality/plot.py RUNS_DIR --out bench/results/quality
+
+RUNS_DIR holds one run directory per variant (metrics.jsonl, config.yaml, samples/). Writes
+fcd_curves.png (FCD of one- and two-step samples against images seen), loss_curves.png, ablation.json,
+ablation.md, and copies each run's last sample grids to grids/<variant>_<k>step.png.
+Needs matplotlib (pip install -e .[plots]).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+
+import matplotlib
+import yaml
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
+
+ORDER = ("ict", "l2", "uniform", "ema_teacher", "sqrt", "no_dropout")
+LABELS = {"ict": "iCT (all changes)", "l2": "squared L2 metric", "uniform": "uniform index sampling",
+          "ema_teacher": "EMA teacher (CT)", "sqrt": "sqrt curriculum (CT)", "no_dropout": "no dropout"}
+
+
+def load_run(run_dir: str) -> dict:
+    with open(os.path.join(run_dir, "config.yaml")) as f:
+        cfg = yaml.safe_load(f)
+    batch = int(cfg["train"]["batch_size"])
+    evals, train = [], []
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        for line in f:
+            rec = json.loads(line)
+            (evals if "fcd_1step" in rec else train if "loss" in rec else []).append(rec)
+    # A resumed run may repeat the evaluation of the step it resumed at: keep the last line per step.
+    evals = sorted({r["step"]: r for r in evals}.values(), key=lambda r: r["step"])
+    train = sorted({r["step"]: r for r in train}.values(), key=lambda r: r["step"])
+    return {"batch": batch, "total_steps": int(cfg["train"]["total_steps"]), "evals": evals, "train": train}
+
+
+def summary(name: str, run: dict, common_step: int) -> dict:
+    """Scores at `common_step` (the last step every variant evaluated), so rows compare equal budgets."""
+    evals, train = run["evals"], run["train"]
+    best = min(evals, key=lambda r: r["fcd_1step"]) if evals else None
+    last = next((r for r in evals if r["step"] == common_step), {})
+    rates = [r["img_per_s"] for r in train if "img_per_s" in r]
+    return {"variant": name, "steps_done": train[-1]["step"] if train else 0, "total_steps": run["total_steps"],
+            "images_seen_M": (train[-1]["step"] if train else 0) * run["batch"] / 1e6,
+            "common_step": common_step, "images_at_common_M": common_step * run["batch"] / 1e6,
+            "fcd_1step": last.get("fcd_1step"), "fcd_2step": last.get("fcd_2step"),
+            "last_eval_step": evals[-1]["step"] if evals else None,
+            "best_fcd_1step": best["fcd_1step"] if best else None, "best_step": best["step"] if best else None,
+            "final_loss": train[-1]["loss"] if train else None,
+            "median_img_per_s": sorted(rates)[len(rates) // 2] if rates else None}
+
+
+def _fmt(v, digits=2) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def markdown(rows: list[dict]) -> str:
+    step = rows[0]["common_step"]
+    head = (f"| variant | FCD 1-step @ step {step} | FCD 2-step @ step {step} | best FCD 1-step (step) | "
+            "steps run / planned | img/s per run |")
+    lines = [head, "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {LABELS.get(r['variant'], r['variant'])} | {_fmt(r['fcd_1step'])} | {_fmt(r['fcd_2step'])} | "
+                     f"{_fmt(r['best_fcd_1step'])} ({r['best_step']}) | {r['steps_done']}/{r['total_steps']} | "
+                     f"{_fmt(r['median_img_per_s'], 0)} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(runs: dict[str, dict], out: str) -> None:
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, (name, run) in enumerate(runs.items()):
+        colour = f"C{i}"
+        x = [r["step"] * run["batch"] / 1e6 for r in run["evals"]]
+        ax.plot(x, [r["fcd_1step"] for r in run["evals"]], "-o", color=colour,
+                label=f"{LABELS.get(name, name)}, 1 step")
+        if run["evals"] and "fcd_2step" in run["evals"][0]:
+            ax.plot(x, [r["fcd_2step"] for r in run["evals"]], "--", color=colour, alpha=0.6)
+    _finish(fig, ax, os.path.join(out, "fcd_curves.png"), ylabel="FCD (lower is better)",
+            title="FCD of one-step (solid) and two-step (dashed) samples, 5k samples each")
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for i, (name, run) in enumerate(runs.items()):
+        ax.plot([r["step"] * run["batch"] / 1e6 for r in run["train"]], [r["loss"] for r in run["train"]],
+                color=f"C{i}", label=LABELS.get(name, name), lw=0.8)
+    _finish(fig, ax, os.path.join(out, "loss_curves.png"), ylabel="training loss",
+            title="training loss (each variant's own metric and weighting: not comparable across metrics)")
+
+
+def _finish(fig, ax, path: str, ylabel: str, title: str) -> None:
+    ax.set(xlabel="images seen (millions)", ylabel=ylabel, yscale="log", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs_dir")
+    p.add_argument("--out", default="bench/results/quality")
+    args = p.parse_args(argv)
+    names = [n for n in ORDER if os.path.exists(os.path.join(args.runs_dir, n, "metrics.jsonl"))]
+    names += sorted(n for n in os.listdir(args.runs_dir) if n not in names
+                    and os.path.exists(os.path.join(args.runs_dir, n, "metrics.jsonl")))
+    if not names:
+        raise SystemExit(f"{args.runs_dir}: no run directory with a metrics.jsonl")
+    runs = {n: load_run(os.path.join(args.runs_dir, n)) for n in names}
+    os.makedirs(os.path.join(args.out, "grids"), exist_ok=True)
+    common_step = min(r["evals"][-1]["step"] if r["evals"] else 0 for r in runs.values())
+    rows = [summary(n, r, common_step) for n, r in runs.items()]
+    with open(os.path.join(args.out, "ablation.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    with open(os.path.join(args.out, "ablation.md"), "w") as f:
+        f.write(markdown(rows))
+    plot(runs, args.out)
+    for n in names:
+        for k in (1, 2):
+            grid = os.path.join(args.runs_dir, n, "samples", f"latest_{k}step.png")
+            if os.path.exists(grid):
+                shutil.copyfile(grid, os.path.join(args.out, "grids", f"{n}_{k}step.png"))
+    print(markdown(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
