@@ -45,8 +45,10 @@ batch)
     --batch-per-gpu 64 --steps 20 --warmup 6 --loaders real,device --modes tuned
   ;;
 scaling)
-  # Weak scaling (the same batch per GPU); the 1-GPU reference is the `single` suite's bf16_cl_cudnn row.
-  for run in 4:cifar10:ddp 4:cifar10:fsdp 4:cifar10:zero2 4:imagenet64:ddp 4:imagenet64:fsdp 4:imagenet64:zero2 \
+  # Weak scaling (the same batch per GPU). Each backend's own 1-GPU run is the reference, measured in the
+  # same session: sharding backends keep NCHW weights, so the plain single-GPU run is not comparable.
+  for run in 1:cifar10:ddp 1:cifar10:fsdp 1:cifar10:zero2 1:imagenet64:ddp 1:imagenet64:fsdp 1:imagenet64:zero2 \
+             4:cifar10:ddp 4:cifar10:fsdp 4:cifar10:zero2 4:imagenet64:ddp 4:imagenet64:fsdp 4:imagenet64:zero2 \
              2:cifar10:ddp 2:cifar10:fsdp 2:cifar10:zero2; do
     IFS=: read -r n recipe backend <<<"$run"
     batch=256; [ "$recipe" = imagenet64 ] && batch=64

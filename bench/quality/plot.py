@@ -10,12 +10,14 @@ Needs matplotlib (pip install -e .[plots]).
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
-import shutil
 
 import matplotlib
 import yaml
+
+from ict_scale.checkpoint import Storage
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
@@ -53,7 +55,8 @@ def summary(name: str, run: dict, common_step: int) -> dict:
             "last_eval_step": evals[-1]["step"] if evals else None,
             "best_fcd_1step": best["fcd_1step"] if best else None, "best_step": best["step"] if best else None,
             "final_loss": train[-1]["loss"] if train else None,
-            "median_img_per_s": sorted(rates)[len(rates) // 2] if rates else None}
+            "median_img_per_s": sorted(rates)[len(rates) // 2] if rates else None,
+            "evals": [{k: r[k] for k in ("step", "fcd_1step", "fcd_2step") if k in r} for r in evals]}
 
 
 def _fmt(v, digits=2) -> str:
@@ -72,7 +75,7 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(runs: dict[str, dict], out: str) -> None:
+def plot(runs: dict[str, dict], out: Storage) -> None:
     fig, ax = plt.subplots(figsize=(8, 5))
     for i, (name, run) in enumerate(runs.items()):
         colour = f"C{i}"
@@ -81,23 +84,25 @@ def plot(runs: dict[str, dict], out: str) -> None:
                 label=f"{LABELS.get(name, name)}, 1 step")
         if run["evals"] and "fcd_2step" in run["evals"][0]:
             ax.plot(x, [r["fcd_2step"] for r in run["evals"]], "--", color=colour, alpha=0.6)
-    _finish(fig, ax, os.path.join(out, "fcd_curves.png"), ylabel="FCD (lower is better)",
+    _finish(fig, ax, out, "fcd_curves.png", ylabel="FCD (lower is better)",
             title="FCD of one-step (solid) and two-step (dashed) samples, 5k samples each")
     fig, ax = plt.subplots(figsize=(8, 4))
     for i, (name, run) in enumerate(runs.items()):
         ax.plot([r["step"] * run["batch"] / 1e6 for r in run["train"]], [r["loss"] for r in run["train"]],
                 color=f"C{i}", label=LABELS.get(name, name), lw=0.8)
-    _finish(fig, ax, os.path.join(out, "loss_curves.png"), ylabel="training loss",
+    _finish(fig, ax, out, "loss_curves.png", ylabel="training loss",
             title="training loss (each variant's own metric and weighting: not comparable across metrics)")
 
 
-def _finish(fig, ax, path: str, ylabel: str, title: str) -> None:
+def _finish(fig, ax, out: Storage, name: str, ylabel: str, title: str) -> None:
     ax.set(xlabel="images seen (millions)", ylabel=ylabel, yscale="log", title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
     plt.close(fig)
+    out.write_bytes(name, png.getvalue())  # atomic, like every other result file
 
 
 def main(argv=None) -> int:
@@ -111,19 +116,18 @@ def main(argv=None) -> int:
     if not names:
         raise SystemExit(f"{args.runs_dir}: no run directory with a metrics.jsonl")
     runs = {n: load_run(os.path.join(args.runs_dir, n)) for n in names}
-    os.makedirs(os.path.join(args.out, "grids"), exist_ok=True)
     common_step = min(r["evals"][-1]["step"] if r["evals"] else 0 for r in runs.values())
     rows = [summary(n, r, common_step) for n, r in runs.items()]
-    with open(os.path.join(args.out, "ablation.json"), "w") as f:
-        json.dump(rows, f, indent=1)
-    with open(os.path.join(args.out, "ablation.md"), "w") as f:
-        f.write(markdown(rows))
-    plot(runs, args.out)
+    out = Storage(args.out)
+    out.write_text("ablation.json", json.dumps(rows, indent=1) + "\n")
+    out.write_text("ablation.md", markdown(rows))
+    plot(runs, out)
     for n in names:
         for k in (1, 2):
             grid = os.path.join(args.runs_dir, n, "samples", f"latest_{k}step.png")
             if os.path.exists(grid):
-                shutil.copyfile(grid, os.path.join(args.out, "grids", f"{n}_{k}step.png"))
+                with open(grid, "rb") as f:
+                    out.write_bytes(f"grids/{n}_{k}step.png", f.read())
     print(markdown(rows))
     return 0
 

@@ -64,7 +64,8 @@ class TrainConfig:
     ema_decay: float = 0.99993        # evaluation EMA decay per step
     channels_last: bool = True        # NHWC memory format on CUDA
     compile: bool = False             # torch.compile each block (per-block, so a graph break stays local)
-    cudnn_benchmark: bool = True      # let cuDNN time its convolution algorithms once per shape (CUDA; static shapes)
+    cudnn_benchmark: bool = False     # let cuDNN time its convolution algorithms per shape (CUDA): measured +-1%, and a
+                                      # resumed process may then pick other algorithms (not bit-identical)
     log_every: int = 50               # steps between metrics.jsonl lines
     grid_every: int = 5000            # steps between sample grids (0 = only at the end)
     grid_num: int = 64                # images per sample grid

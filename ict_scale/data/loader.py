@@ -23,6 +23,7 @@ def ignore_preemption_signals(_worker_id: int) -> None:
 
     Slurm, `timeout` and container runtimes signal the whole process group. A worker that died of the
     signal would make the DataLoader raise in the trainer before it could write its preemption checkpoint.
+    The loader's shutdown kills a worker that is still alive after the DataLoader joined it.
     """
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
@@ -142,7 +143,15 @@ class StreamingLoader:
         for skips in self._worker_skips.values():
             self._past_skips.update(skips)
         self._worker_skips = {}
-        self._iterator = None  # dropping the DataLoader iterator stops its worker processes
+        iterator, self._iterator = self._iterator, None
+        workers = list(getattr(iterator, "_workers", ()))
+        if hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()  # asks the workers to finish and joins them
+        for w in workers:
+            # The DataLoader's last resort is SIGTERM, which workers ignore (ignore_preemption_signals).
+            if w.is_alive():
+                w.kill()
+                w.join(timeout=5)
 
     def close(self) -> None:
         self._shutdown()

@@ -57,7 +57,7 @@ class Backend:
         """
         module = module.to(self.device)
         if self.device.type == "cuda":
-            # Every step has the same shapes, so cuDNN's one-off algorithm search per shape pays back at once.
+            # Opt-in: the search may choose other algorithms in a resumed process, which breaks bit-identical resume.
             torch.backends.cudnn.benchmark = bool(self.cfg.train.cudnn_benchmark)
         if self.cfg.train.channels_last and self.device.type == "cuda" and channels_last_weights:
             module.to(memory_format=torch.channels_last)

@@ -14,23 +14,24 @@ TINY = ["model.model_channels=8", "model.channel_mult=[1,2]", "data.resolution=8
 
 def test_bench_writes_every_mode_and_loader(tmp_path):
     out = tmp_path / "bench.json"
-    assert main(["demo", *TINY, "--modes", "fp32_eager,wide:model.model_channels=16", "--loaders", "device,real",
+    again = "again:" + " ".join(parse_mode("fp32_eager")[1])  # the same settings under another name
+    assert main(["demo", *TINY, "--modes", "fp32_eager", "--mode", again, "--loaders", "device,real",
                  "--steps", "2", "--warmup", "1", "--out", str(out)]) == 0
     data = json.loads(out.read_text())
     assert data["environment"]["torch"] and data["environment"]["world_size"] == 1
     runs = {(r["mode"], r["loader"]): r for r in data["results"]}
-    assert set(runs) == {(m, l) for m in ("fp32_eager", "wide") for l in ("device", "real")}
+    assert set(runs) == {(m, l) for m in ("fp32_eager", "again") for l in ("device", "real")}
     for r in runs.values():
         assert r["img_s_per_gpu"] == pytest.approx(4 / (r["step_ms"] / 1e3))
         phases = r["phases_ms"]
         assert {"teacher_fwd", "student_fwd", "backward", "optimizer", "ema"} <= set(phases)
         parts = sum(v for k, v in phases.items() if k not in ("step", "other"))
-        assert parts + phases["other"] == pytest.approx(phases["step"])
-        assert 0 < parts <= phases["step"] * 1.01
+        assert 0 < parts and phases["other"] >= 0  # the phases are spans inside the step
         assert r["mfu_datasheet"] is None  # no datasheet peak for a CPU
-    assert runs[("wide", "device")]["params"] > runs[("fp32_eager", "device")]["params"]
-    # The same weights and batches: the device-data losses of one mode repeat exactly on the same machine.
-    assert runs[("fp32_eager", "device")]["loss_mean"] > 0
+    # Every mode starts from the same weights and batches: the same settings give the same losses.
+    for loader in ("device", "real"):
+        assert runs[("again", loader)]["loss_mean"] == runs[("fp32_eager", loader)]["loss_mean"]
+    assert runs[("fp32_eager", "device")]["loss_mean"] != runs[("fp32_eager", "real")]["loss_mean"]
 
 
 def test_step_flops_are_four_forwards_of_the_recipe():
@@ -40,11 +41,12 @@ def test_step_flops_are_four_forwards_of_the_recipe():
 
 def test_modes_and_names():
     assert parse_mode("bf16_cl")[1][:3] == ["train.precision=bf16", "train.channels_last=true", "train.compile=false"]
-    assert parse_mode("bf16_cl:train.batch_per_gpu=8")[1][-1] == "train.batch_per_gpu=8"
+    assert parse_mode("bf16_cl:train.batch_per_gpu=8 model.channel_mult=[1,2]")[1][-2:] == [
+        "train.batch_per_gpu=8", "model.channel_mult=[1,2]"]
     with pytest.raises(ValueError, match="fast"):
         parse_mode("fast")
     with pytest.raises(ValueError, match="key=value"):
-        parse_mode("x:train.compile")
+        parse_mode("x:train.compile model.dropout=0")
     assert datasheet_tflops("NVIDIA H100 80GB HBM3") == 989.4 and datasheet_tflops("NVIDIA H100 PCIe") == 756.0
     assert kernel_kind("ncclDevKernel_AllReduce_Sum_bf16") == "communication"
     assert kernel_kind("sm90_xmma_fprop_implicit_gemm_bf16") == "conv/matmul"
