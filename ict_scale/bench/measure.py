@@ -1,7 +1,7 @@
 """Measure the real training step: throughput, MFU, peak memory, a per-phase breakdown, data-loader stalls.
 
-Everything runs through the trainer's own pieces (config, network, backend, `train_step`, the loop's
-`apply_or_skip` with its one host sync, the evaluation EMA), so a number here is what `ict_scale.train`
+Everything runs through the trainer's own pieces (`build_run`: config, network, backend, EMAs; the loop's
+`optimise_step` with its one host sync), so a number here is what `ict_scale.train`
 gets. Only the data source differs: `device` feeds uint8 batches already on the GPU (I/O excluded),
 `real` is the configured StreamingLoader.
 """
@@ -15,16 +15,12 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ict_scale.config import load_config
-from ict_scale.data import build_loader
 from ict_scale.data.synthetic import synthetic_images
-from ict_scale.parallel.backend import build_backend
 from ict_scale.parallel.launch_env import read_launch_env
-from ict_scale.train.ema import EMA
-from ict_scale.train.loop import apply_or_skip, next_micro_batches
-from ict_scale.train.model import build_model, count_parameters
-from ict_scale.train.run import Run, make_optimizer
+from ict_scale.train.loop import next_micro_batches, optimise_step
+from ict_scale.train.model import build_model
+from ict_scale.train.run import build_run
 from ict_scale.train.signals import PreemptionFlag
-from ict_scale.train.step import train_step
 
 from .phases import PhaseTimer
 from .profile import kernel_breakdown
@@ -150,17 +146,10 @@ class Bench:
         cfg = load_config(self.configs, [*self.overrides, *mode_overrides, "eval.every_steps=0"])
         # No accumulation: a benchmark step is one micro-batch per rank (set before a backend reads it).
         cfg.train.batch_size = cfg.train.batch_per_gpu * read_launch_env().world_size
-        backend = build_backend(cfg)
-        torch.manual_seed(cfg.train.seed)
-        model = build_model(cfg)
-        params = count_parameters(model)
-        backend.prepare(model, make_optimizer(cfg))
-        data = device_batches(cfg, backend.device) if loader == "device" else iter(
-            build_loader(cfg.data, batch_per_rank=cfg.train.batch_per_gpu, rank=backend.rank,
-                         world_size=backend.world_size, seed=cfg.train.seed))
-        run = Run(cfg, backend, None, None, EMA(backend.ema_targets()), None, params)
-        self.backend = backend
-        return cfg, run, data
+        run = build_run(cfg, None, (lambda backend: device_batches(cfg, backend.device)) if loader == "device"
+                        else None)
+        self.backend = run.backend
+        return cfg, run, run.loader
 
     def measure(self, mode: str, mode_overrides: list[str], loader: str, steps: int, warmup: int,
                 phase_steps: int = 5, profile: bool = False) -> BenchResult:
@@ -182,8 +171,7 @@ class Bench:
             t0 = time.perf_counter()
             batches = next_micro_batches(run, data)
             waits.append(time.perf_counter() - t0)
-            result = train_step(backend, batches, run.step, cfg)
-            apply_or_skip(run, result, flag)  # holds the loop's one host sync per step
+            result, _ = optimise_step(run, batches, flag)  # with the loop's one host sync per step
             losses.append(result.loss)
             run.step += 1
 

@@ -48,7 +48,9 @@ class PhaseTimer:
 
     @contextlib.contextmanager
     def attach(self, run):
-        backend, module, restore, open_spans = run.backend, run.backend.module, [], []
+        backend, restore, open_spans = run.backend, [], []
+        # The student's network, and original CT's EMA teacher where the run has one (ict.teacher=ema).
+        modules = [backend.module] + ([run.teacher.module] if run.teacher is not None else [])
 
         def pre_hook(_module, _args, _kwargs):
             open_spans.append(("student_fwd" if torch.is_grad_enabled() else "teacher_fwd", self._mark()))
@@ -57,11 +59,13 @@ class PhaseTimer:
             name, start = open_spans.pop()
             self.spans.append((name, start, self._mark()))
 
-        handles = [module.register_forward_pre_hook(pre_hook, with_kwargs=True),
-                   module.register_forward_hook(post_hook, with_kwargs=True)]
+        handles = [h for m in modules for h in (m.register_forward_pre_hook(pre_hook, with_kwargs=True),
+                                                m.register_forward_hook(post_hook, with_kwargs=True))]
         for attr, name in (("backward", "backward"), ("grad_norm", "grad_norm"), ("optimizer_step", "optimizer")):
             self._wrap(backend, attr, name, restore)
-        self._wrap(run.ema, "update", "ema", restore)
+        for ema in (run.ema, run.teacher):
+            if ema is not None:
+                self._wrap(ema, "update", "ema", restore)
         try:
             yield self
         finally:

@@ -12,8 +12,10 @@ import json
 
 from ict_scale.checkpoint import Storage
 
+from .features import METRIC_BY_EXTRACTOR
+
 _LINE_KEYS = ("step", "num", "seconds")
-METRICS = ("fid", "fcd")
+METRICS = tuple(METRIC_BY_EXTRACTOR.values())  # the result keys' prefixes: fid, fcd
 _DISTANCE_PREFIXES = tuple(f"{m}_" for m in METRICS)
 
 

@@ -13,9 +13,11 @@ class EMA:
     Kept in float32 whatever the parameters' dtype, so that a decay of 0.99997 is not rounded away.
     """
 
-    def __init__(self, targets: dict[str, torch.Tensor]):
+    def __init__(self, targets: dict[str, torch.Tensor], in_place: bool = False):
+        """A float32 copy of `targets`; with in_place=True the (float32) `targets` themselves are averaged."""
         self.names = list(targets)
-        self.shadow = {n: t.detach().to(torch.float32, copy=True) for n, t in targets.items()}
+        self.shadow = dict(targets) if in_place else {n: t.detach().to(torch.float32, copy=True)
+                                                      for n, t in targets.items()}
 
     @torch.no_grad()
     def update(self, targets: dict[str, torch.Tensor], decay: float) -> None:
@@ -48,16 +50,12 @@ class EMATeacher:
         # A deep copy of the placed module keeps its device, memory format and per-block transforms
         # (compile, checkpointing): a compiled student with an eager teacher would draw other dropout masks.
         self.module = copy.deepcopy(student).train().requires_grad_(False)
-        self.names = [n for n, _ in self.module.named_parameters()]
+        # The module's own parameters are the average: mu = 0 makes theta^- an exact copy of theta.
+        self._ema = EMA(dict(self.module.named_parameters()), in_place=True)
 
-    @torch.no_grad()
     def update(self, targets: dict[str, torch.Tensor], mu: float) -> None:
         """One step of the teacher's EMA towards the student's live parameters `targets` (by name)."""
-        params = dict(self.module.named_parameters())
-        teacher = [params[n] for n in self.names]
-        live = [targets[n].detach() for n in self.names]
-        # lerp(theta^-, theta, 1 - mu) == mu theta^- + (1 - mu) theta; mu = 0 copies the student exactly.
-        torch._foreach_lerp_(teacher, live, 1.0 - mu)
+        self._ema.update(targets, mu)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Parameters and buffers by name; the tensors share storage with the module, so a load fills it in place."""

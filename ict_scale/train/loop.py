@@ -51,6 +51,16 @@ def apply_or_skip(run: Run, result, preempt: PreemptionFlag) -> bool:
     return bool(stop)
 
 
+def optimise_step(run: Run, micro_batches, preempt: PreemptionFlag):
+    """One step as the loop runs it: forward/backward on the micro-batches, then apply_or_skip.
+
+    Returns (StepResult, whether to stop for preemption); the caller advances run.step.
+    """
+    teacher = run.teacher.module if run.teacher is not None else None
+    result = train_step(run.backend, micro_batches, run.step, run.cfg, teacher=teacher)
+    return result, apply_or_skip(run, result, preempt)
+
+
 def write_grids(run: Run, tb: TensorBoard) -> None:
     cfg = run.cfg
     model = run.backend.eval_model(run.ema)
@@ -83,9 +93,7 @@ def train(cfg) -> Run:
     started = time.perf_counter()
     try:
         while run.step < t.total_steps:
-            result = train_step(run.backend, next_micro_batches(run, data_iter), run.step, cfg,
-                                teacher=run.teacher.module if run.teacher is not None else None)
-            stop = apply_or_skip(run, result, preempt)
+            result, stop = optimise_step(run, next_micro_batches(run, data_iter), preempt)
             run.step += 1
             run.images_seen += t.batch_size
             window_loss, window_steps = window_loss + result.loss.detach(), window_steps + 1

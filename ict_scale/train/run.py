@@ -60,20 +60,31 @@ def make_optimizer(cfg):
                                             foreach=o.foreach)
 
 
-def setup(cfg) -> Run:
-    """Build backend, model, optimiser, EMA and loader; write the resolved config; resume if possible."""
+def build_run(cfg, storage: Storage | None, make_batches=None) -> Run:
+    """Backend, model, optimiser, EMAs, evaluator and data: everything a step needs, nothing written yet.
+
+    `make_batches(backend)` replaces the configured loader with another iterator of (uint8 images, labels),
+    e.g. batches made on the device by the speed benchmark; `storage` None leaves the run without checkpoints.
+    """
     backend = build_backend(cfg)
     accumulation_steps(cfg, backend.world_size)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     model = build_model(cfg)
     num_params = count_parameters(model)
     backend.prepare(model, make_optimizer(cfg))
+    batches = make_batches(backend) if make_batches else build_loader(
+        cfg.data, batch_per_rank=cfg.train.batch_per_gpu, rank=backend.rank, world_size=backend.world_size,
+        seed=cfg.train.seed)
+    ckpts = CheckpointManager(storage, cfg.train.keep_last) if storage is not None else None
+    return Run(cfg, backend, storage, ckpts, EMA(backend.ema_targets()), batches, num_params,
+               build_evaluator(cfg, backend), teacher=build_teacher(cfg, backend))
+
+
+def setup(cfg) -> Run:
+    """build_run, then write the resolved config and resume from the newest complete checkpoint if any."""
     storage = Storage(cfg.train.run_dir, dict(cfg.data.storage_options))
-    loader = build_loader(cfg.data, batch_per_rank=cfg.train.batch_per_gpu, rank=backend.rank,
-                          world_size=backend.world_size, seed=cfg.train.seed)
-    run = Run(cfg, backend, storage, CheckpointManager(storage, cfg.train.keep_last), EMA(backend.ema_targets()),
-              loader, num_params, build_evaluator(cfg, backend), teacher=build_teacher(cfg, backend))
-    if backend.rank == 0:
+    run = build_run(cfg, storage)
+    if run.backend.rank == 0:
         storage.makedirs()
         storage.write_text("config.yaml", to_yaml(cfg))
     restore_latest(run)
@@ -117,7 +128,7 @@ def save_checkpoint(run: Run) -> str:
                                background=run.cfg.parallel.async_save)
     if run.backend.rank == 0:
         state = {"step": step, "images_seen": run.images_seen, "nonfinite_total": run.nonfinite_total,
-                 "nonfinite_run": run.nonfinite_run, "teacher": run.cfg.ict.teacher,
+                 "nonfinite_run": run.nonfinite_run,
                  "seed": run.cfg.train.seed, "world_size": run.backend.world_size,
                  "loader": run.loader.state_dict()}
         run.storage.write_bytes(f"{run.ckpts.name(step)}/trainer_state.pt", torch_bytes(state))
@@ -187,10 +198,6 @@ def restore_latest(run: Run) -> bool:
         return False
     raw = run.storage.read_bytes(f"{run.ckpts.name(step)}/trainer_state.pt")
     state = torch.load(io.BytesIO(raw), weights_only=True)
-    if run.teacher is not None and state.get("teacher", "student") != "ema":
-        raise ConfigError(f"cannot resume {run.ckpts.url(step)} with ict.teacher=ema: the checkpoint holds no "
-                          f"EMA-teacher weights (it was written with ict.teacher=student); set ict.teacher=student, "
-                          f"or give this run a new train.run_dir")
     check_resume_config(run.cfg, run.storage.read_bytes(f"{run.ckpts.name(step)}/config.yaml").decode(),
                         run.ckpts.url(step))
     run.backend.load(run.ckpts.url(step), averaged_tensors(run), run.storage.storage_options)

@@ -58,3 +58,11 @@ def test_bad_arguments_exit_2(capsys):
     assert main(["no_such_recipe"]) == 2
     assert "not found" in capsys.readouterr().err
     assert main(["demo", "--modes", "fast"]) == 2
+
+
+def test_bench_times_the_ema_teacher_pass_when_the_run_has_one(tmp_path):
+    out = tmp_path / "bench.json"
+    assert main(["demo", *TINY, "ict.teacher=ema", "--modes", "fp32_eager", "--steps", "1", "--warmup", "1",
+                 "--out", str(out)]) == 0
+    phases = json.loads(out.read_text())["results"][0]["phases_ms"]
+    assert phases["teacher_fwd"] > 0 and phases["student_fwd"] > 0
