@@ -6,8 +6,10 @@ sufficient and may be loaded on any number of ranks with any number of workers.
 """
 from __future__ import annotations
 
+import atexit
 import itertools
 import signal
+import weakref
 from collections import Counter, deque
 
 import torch
@@ -16,6 +18,41 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ict_scale.data.order import flip_mask, rank_positions
 
 STATE_VERSION = 1
+
+# The DataLoader worker processes this module started. Workers ignore SIGTERM, and both the
+# DataLoader's own shutdown (a collected iterator) and multiprocessing's exit hook rely on SIGTERM: the
+# first leaves a worker that did not finish in time alive, the second then joins it forever. So a process
+# that exits with a loader open (an exception in the trainer) or after one was dropped would never end.
+_started_workers: "weakref.WeakSet" = weakref.WeakSet()  # multiprocessing holds them until joined
+
+
+def _kill(workers) -> None:
+    for w in list(workers):
+        if w.is_alive():
+            w.kill()
+            w.join(timeout=5)
+
+
+def _stop_workers(iterator) -> None:
+    """Ask the iterator's workers to finish and join them (the DataLoader's own shutdown), then kill any
+    still alive."""
+    workers = list(getattr(iterator, "_workers", ()))
+    if hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()  # also stops watching them for SIGCHLD, so killing them raises nothing
+    _kill(workers)
+
+
+def _kill_all_workers() -> None:
+    """At exit: kill every worker still alive. Nothing is lost (workers only read), and the DataLoader's
+    SIGCHLD handler, which raises when a watched worker dies, has nothing left to report to."""
+    if _started_workers:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        _kill(_started_workers)
+
+
+# atexit runs its hooks last-registered first, so this runs before multiprocessing's (registered when
+# torch imported multiprocessing, before this module).
+atexit.register(_kill_all_workers)
 
 
 def ignore_preemption_signals(_worker_id: int) -> None:
@@ -104,7 +141,10 @@ class StreamingLoader:
         loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers,
                             pin_memory=self.pin_memory and torch.cuda.is_available(),
                             worker_init_fn=ignore_preemption_signals if self.num_workers > 0 else None, **kwargs)
-        return iter(loader)
+        iterator = iter(loader)  # starts the workers
+        if self.num_workers > 0:
+            _started_workers.update(iterator._workers)
+        return iterator
 
     def __iter__(self):
         return self
@@ -144,14 +184,8 @@ class StreamingLoader:
             self._past_skips.update(skips)
         self._worker_skips = {}
         iterator, self._iterator = self._iterator, None
-        workers = list(getattr(iterator, "_workers", ()))
-        if hasattr(iterator, "_shutdown_workers"):
-            iterator._shutdown_workers()  # asks the workers to finish and joins them
-        for w in workers:
-            # The DataLoader's last resort is SIGTERM, which workers ignore (ignore_preemption_signals).
-            if w.is_alive():
-                w.kill()
-                w.join(timeout=5)
+        if iterator is not None:
+            _stop_workers(iterator)
 
     def close(self) -> None:
         self._shutdown()

@@ -1,6 +1,9 @@
 """The trainer-facing contract, shown on the synthetic source: batch slices, flips, labels, state."""
 import io
+import os
 import pickle
+import subprocess
+import sys
 
 import numpy as np
 import torch
@@ -72,3 +75,30 @@ def test_png_jpeg_webp_and_non_rgb_members_decode_to_rgb_uint8(tmp_path):
     assert torch.equal(images[2], chw(Image.open(io.BytesIO(samples[2]["jpg"]))))
     assert torch.equal(images[3], chw(rgb.convert("L")))  # grey replicated to 3 channels
     assert torch.equal(images[4], chw(rgb.convert("P")))  # palette expanded
+
+
+
+def test_a_process_exits_with_loaders_open_or_failed(tmp_path):
+    """Workers ignore SIGTERM, and the DataLoader's shutdown and multiprocessing's exit hook both end workers
+    with SIGTERM: neither a loader still open nor one whose worker failed and was dropped may hang the exit."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = ("import gc, os, sys; sys.path.insert(0, sys.argv[1])\n"
+            "import numpy as np\n"
+            "from data_helpers import good_sample, loader, shard_tar, take, write_shard_set\n"
+            "stream = loader('synthetic', batch_per_rank=4, num_workers=2)\n"
+            "take(stream, 1)\n"
+            "kept = [stream._iterator]  # still referenced at exit, as after an exception in the trainer\n"
+            "rng = np.random.default_rng(5)\n"
+            "tars = [shard_tar([good_sample(rng, f'{s}{i}') for i in range(4)]) for s in range(2)]\n"
+            "root = write_shard_set(sys.argv[2], tars, [4, 4])\n"
+            "os.remove(os.path.join(root, 'train-000001.tar'))\n"
+            "failed = loader(root, batch_per_rank=8, check_shards=False, num_workers=1, io_retries=1)\n"
+            "try:\n"
+            "    next(failed)\n"
+            "except Exception as e:\n"
+            "    print('failed as expected:', type(e).__name__, flush=True)\n"
+            "del failed\n"
+            "gc.collect()  # the DataLoader's own shutdown leaves the failed worker alive (it ignores SIGTERM)\n")
+    proc = subprocess.run([sys.executable, "-c", code, here, str(tmp_path)], capture_output=True, text=True,
+                          timeout=90, cwd=os.path.dirname(os.path.dirname(here)))
+    assert proc.returncode == 0 and "failed as expected: StorageError" in proc.stdout, proc.stderr[-2000:]
