@@ -15,7 +15,7 @@ import json
 import sys
 
 from ict_scale.data import DataConfig, build_loader
-from ict_scale.eval import build_classifier_features, build_inception, save_ref_stats
+from ict_scale.eval import FEATURE_EXTRACTORS, EvalConfig, build_features, save_ref_stats
 from ict_scale.eval.inception import WEIGHTS_SHA256
 from ict_scale.eval.data_stats import dataset_statistics
 from ict_scale.eval.runtime import init_distributed, shutdown_distributed
@@ -42,12 +42,15 @@ def parse_args(argv):
                    help="expected sha256 of the weights file; '' accepts other weights (FIDs then not comparable)")
     p.add_argument("--random-inception", type=int, metavar="SEED",
                    help="seeded random Inception weights: for tests and timing only")
-    p.add_argument("--features", choices=("inception", "classifier"), default="inception",
+    p.add_argument("--features", choices=FEATURE_EXTRACTORS, default="inception",
                    help="feature network: inception (FID) or classifier (FCD, needs --classifier-weights)")
     p.add_argument("--classifier-weights", default="", help="classifier .safetensors (data_prep.train_classifier)")
     p.add_argument("--keep-features", action="store_true", help="also store the (N, D) features")
     p.add_argument("--storage-options", default="{}", help="fsspec options as JSON (data and output)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.random_inception is not None and args.features != "inception":
+        p.error("--random-inception applies to --features inception only")
+    return args
 
 
 def data_config(args, storage_options: dict) -> DataConfig:
@@ -58,14 +61,10 @@ def data_config(args, storage_options: dict) -> DataConfig:
                       storage_options=storage_options, synthetic_seed=args.synthetic_seed)
 
 
-def feature_network(args, device, storage_options: dict):
-    """The --features network from its weights."""
-    if args.features == "classifier":
-        if args.random_inception is not None:
-            raise SystemExit("error: --random-inception applies to --features inception only")
-        return build_classifier_features(args.classifier_weights, device, storage_options=storage_options)
-    return build_inception(args.inception_weights, device, sha256=args.inception_sha256 or None,
-                           storage_options=storage_options, random_seed=args.random_inception)
+def feature_config(args) -> EvalConfig:
+    """The evaluation's feature settings from the command line (the same network an evaluation builds)."""
+    return EvalConfig(features=args.features, inception_weights=args.inception_weights,
+                      inception_sha256=args.inception_sha256, classifier_weights=args.classifier_weights)
 
 
 def main(argv=None) -> int:
@@ -79,7 +78,7 @@ def main(argv=None) -> int:
         if num < 2 or (loader.epoch_size and num > loader.epoch_size):
             raise SystemExit(f"error: --num {num}: expected 2..{loader.epoch_size or 'any'} images of {args.data} "
                              f"(synthetic data needs --num)")
-        features = feature_network(args, device, storage_options)
+        features = build_features(feature_config(args), device, storage_options, args.random_inception)
         source = {"data": args.data, "num": num, "resolution": args.resolution, "fingerprint": loader.fingerprint,
                   "order": "unshuffled, no flip"}
         try:

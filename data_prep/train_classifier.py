@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 from ict_scale.data import DataConfig, build_loader
 from ict_scale.data.sources import resolve
-from ict_scale.eval.classifier import ClassifierSpec, SmallClassifier, save_classifier, to_unit_range
+from ict_scale.eval.classifier import ClassifierSpec, SmallClassifier, save_classifier
+from ict_scale.ict import from_uint8
 
 
 def parse_args(argv):
@@ -52,15 +53,16 @@ def parse_args(argv):
     return args
 
 
-def labelled_loader(source: str, args, options: dict, train: bool):
+def labelled_loader(source: str, *, resolution: int, batch: int, workers: int, seed: int, options: dict,
+                    train: bool):
     """(loader, num_classes, epoch size) of labelled shards: shuffled with flips for training, else in order."""
     num_classes = resolve(source, options, False).num_classes
     if not num_classes:
         raise SystemExit(f"error: {source}: the manifest records no classes; the classifier needs labelled shards "
                          f"(make_shards --num-classes > 0)")
-    cfg = DataConfig(source=source, resolution=args.resolution, num_classes=num_classes, hflip=train, shuffle=train,
-                     num_workers=args.workers, storage_options=options)
-    loader = build_loader(cfg, batch_per_rank=args.batch, rank=0, world_size=1, seed=args.seed)
+    cfg = DataConfig(source=source, resolution=resolution, num_classes=num_classes, hflip=train, shuffle=train,
+                     num_workers=workers, storage_options=options)
+    loader = build_loader(cfg, batch_per_rank=batch, rank=0, world_size=1, seed=seed)
     return loader, num_classes, loader.epoch_size
 
 
@@ -80,7 +82,7 @@ def train(model: SmallClassifier, loader, args, device: torch.device) -> float:
         for group in opt.param_groups:
             group["lr"] = cosine_lr(step, args.steps, args.lr, warmup=min(100, args.steps // 10))
         images, labels = next(loader)
-        x = to_unit_range(images.to(device)).contiguous(memory_format=torch.channels_last)
+        x = from_uint8(images.to(device)).contiguous(memory_format=torch.channels_last)
         _, logits = model(x)
         loss = F.cross_entropy(logits, labels.to(device))
         opt.zero_grad(set_to_none=True)
@@ -101,7 +103,7 @@ def accuracy(model: SmallClassifier, loader, num: int, device: torch.device) -> 
     while seen < num:
         images, labels = next(loader)
         take = min(len(labels), num - seen)
-        _, logits = model(to_unit_range(images[:take].to(device)).contiguous(memory_format=torch.channels_last))
+        _, logits = model(from_uint8(images[:take].to(device)).contiguous(memory_format=torch.channels_last))
         correct += int((logits.argmax(1).cpu() == labels[:take]).sum())
         seen += take
     return correct / seen, seen
@@ -112,8 +114,9 @@ def main(argv=None) -> int:
     options = json.loads(args.storage_options)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(args.seed)
-    train_loader, num_classes, train_size = labelled_loader(args.data, args, options, train=True)
-    val_loader, val_classes, val_size = labelled_loader(args.val, args, options, train=False)
+    common = dict(resolution=args.resolution, batch=args.batch, workers=args.workers, seed=args.seed, options=options)
+    train_loader, num_classes, train_size = labelled_loader(args.data, **common, train=True)
+    val_loader, val_classes, val_size = labelled_loader(args.val, **common, train=False)
     if val_classes != num_classes:
         raise SystemExit(f"error: {args.val} has {val_classes} classes, {args.data} has {num_classes}")
     spec = ClassifierSpec(num_classes, args.resolution, tuple(args.widths), tuple(args.strides))

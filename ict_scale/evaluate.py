@@ -16,7 +16,7 @@ import json
 import re
 import sys
 
-from ict_scale.eval import EvalConfig, FIDEvaluator, build_inception, sample_spec
+from ict_scale.eval import FEATURE_EXTRACTORS, EvalConfig, FIDEvaluator, build_features, sample_spec
 from ict_scale.eval.runtime import init_distributed, sampling_autocast, shutdown_distributed
 from ict_scale.parallel import comm
 
@@ -49,7 +49,7 @@ def parse_args(argv):
     p.add_argument("--sigma-mid", type=float, help="two-step intermediate level (default: the run's)")
     p.add_argument("--inception-weights", help="path/URL of pt_inception-2015-12-05-6726825d.pth "
                                                "(default: eval.inception_weights, then $ICT_INCEPTION_WEIGHTS)")
-    p.add_argument("--features", choices=("inception", "classifier"),
+    p.add_argument("--features", choices=FEATURE_EXTRACTORS,
                    help="feature network (default: the run's eval.features): inception (FID) or classifier (FCD)")
     p.add_argument("--classifier-weights", help="classifier .safetensors (default: eval.classifier_weights)")
     p.add_argument("--batch-per-rank", type=int)
@@ -86,7 +86,7 @@ def main(argv=None) -> int:
         if args.random_inception is not None and cfg.features != "inception":
             raise SystemExit("error: --random-inception applies to --features inception only")
         features = None if args.random_inception is None else \
-            build_inception(device=device, random_seed=args.random_inception)
+            build_features(cfg, device, random_inception=args.random_inception)
         evaluator = FIDEvaluator(cfg, device, features=features)
         spec = sample_spec(run_cfg)
         if args.sigma_mid is not None:

@@ -63,8 +63,11 @@ def _fmt(v, digits=2) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
 
 
-def markdown(rows: list[dict]) -> str:
+def markdown(rows: list[dict], hardware: str) -> str:
     step = rows[0]["common_step"]
+    source = (f"From the runs of `bench/quality/run_ablation.sh` on {hardware or 'unrecorded hardware'}, by "
+              f"`python bench/quality/plot.py RUNS --out bench/results/quality --hardware '{hardware}'`. "
+              "img/s per run: median of the trainer's log lines.\n\n")
     head = (f"| variant | FCD 1-step @ step {step} | FCD 2-step @ step {step} | best FCD 1-step (step) | "
             "steps run / planned | img/s per run |")
     lines = [head, "|---|---|---|---|---|---|"]
@@ -72,7 +75,7 @@ def markdown(rows: list[dict]) -> str:
         lines.append(f"| {LABELS.get(r['variant'], r['variant'])} | {_fmt(r['fcd_1step'])} | {_fmt(r['fcd_2step'])} | "
                      f"{_fmt(r['best_fcd_1step'])} ({r['best_step']}) | {r['steps_done']}/{r['total_steps']} | "
                      f"{_fmt(r['median_img_per_s'], 0)} |")
-    return "\n".join(lines) + "\n"
+    return source + "\n".join(lines) + "\n"
 
 
 def plot(runs: dict[str, dict], out: Storage) -> None:
@@ -109,6 +112,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs_dir")
     p.add_argument("--out", default="bench/results/quality")
+    p.add_argument("--hardware", default="", help="where the runs ran, for the table's header (e.g. the GPU model)")
     args = p.parse_args(argv)
     names = [n for n in ORDER if os.path.exists(os.path.join(args.runs_dir, n, "metrics.jsonl"))]
     names += sorted(n for n in os.listdir(args.runs_dir) if n not in names
@@ -120,7 +124,7 @@ def main(argv=None) -> int:
     rows = [summary(n, r, common_step) for n, r in runs.items()]
     out = Storage(args.out)
     out.write_text("ablation.json", json.dumps(rows, indent=1) + "\n")
-    out.write_text("ablation.md", markdown(rows))
+    out.write_text("ablation.md", markdown(rows, args.hardware))
     plot(runs, out)
     for n in names:
         for k in (1, 2):
@@ -128,7 +132,7 @@ def main(argv=None) -> int:
             if os.path.exists(grid):
                 with open(grid, "rb") as f:
                     out.write_bytes(f"grids/{n}_{k}step.png", f.read())
-    print(markdown(rows))
+    print(markdown(rows, args.hardware))
     return 0
 
 

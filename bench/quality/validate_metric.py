@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
+from data_prep.train_classifier import labelled_loader  # noqa: E402
 from ict_scale.checkpoint import Storage  # noqa: E402
 from ict_scale.data import DataConfig, build_loader  # noqa: E402
 from ict_scale.data.sources import resolve  # noqa: E402
@@ -57,9 +58,8 @@ FAMILIES = {
 
 def read_images(source: str, num: int, resolution: int, workers: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The first `num` (uint8 images, labels) of labelled shards, in their stored order, unflipped."""
-    cfg = DataConfig(source=source, resolution=resolution, num_classes=int(resolve(source).num_classes or 0),
-                     hflip=False, shuffle=False, num_workers=workers)
-    loader = build_loader(cfg, batch_per_rank=500, rank=0, world_size=1, seed=0)
+    loader, _, _ = labelled_loader(source, resolution=resolution, batch=500, workers=workers, seed=0, options={},
+                                   train=False)
     if num > loader.epoch_size:
         raise SystemExit(f"error: {source} holds {loader.epoch_size} images, {num} requested")
     images, labels = [], []

@@ -25,19 +25,23 @@ from ict_scale.train.signals import PreemptionFlag
 from .phases import PhaseTimer
 from .profile import kernel_breakdown
 
+
+def _settings(precision: str, channels_last: bool, compile: bool, cudnn_benchmark: bool) -> list[str]:
+    """The four speed settings a mode fixes, as config overrides (the rest of the recipe is unchanged)."""
+    flag = {True: "true", False: "false"}
+    return [f"train.precision={precision}", f"train.channels_last={flag[channels_last]}",
+            f"train.compile={flag[compile]}", f"train.cudnn_benchmark={flag[cudnn_benchmark]}"]
+
+
 # Modes: named sets of overrides. fp32_eager is what EDM/ECT-style code runs (torch defaults, NCHW, eager).
 MODES = {
-    "fp32_eager": ["train.precision=fp32", "train.channels_last=false", "train.compile=false",
-                   "train.cudnn_benchmark=false"],
-    "bf16": ["train.precision=bf16", "train.channels_last=false", "train.compile=false", "train.cudnn_benchmark=false"],
-    "bf16_cl": ["train.precision=bf16", "train.channels_last=true", "train.compile=false",
-                "train.cudnn_benchmark=false"],
-    "bf16_cl_compile": ["train.precision=bf16", "train.channels_last=true", "train.compile=true",
-                        "train.cudnn_benchmark=false"],
-    "bf16_cl_cudnn": ["train.precision=bf16", "train.channels_last=true", "train.compile=false",
-                      "train.cudnn_benchmark=true"],
+    "fp32_eager": _settings("fp32", channels_last=False, compile=False, cudnn_benchmark=False),
+    "bf16": _settings("bf16", channels_last=False, compile=False, cudnn_benchmark=False),
+    "bf16_cl": _settings("bf16", channels_last=True, compile=False, cudnn_benchmark=False),
+    "bf16_cl_compile": _settings("bf16", channels_last=True, compile=True, cudnn_benchmark=False),
+    "bf16_cl_cudnn": _settings("bf16", channels_last=True, compile=False, cudnn_benchmark=True),
     # The fastest settings measured: compile plus cuDNN autotuning (both opt-in in the recipes).
-    "tuned": ["train.precision=bf16", "train.channels_last=true", "train.compile=true", "train.cudnn_benchmark=true"],
+    "tuned": _settings("bf16", channels_last=True, compile=True, cudnn_benchmark=True),
 }
 # Dense bf16 tensor-core peaks from the vendors' datasheets (TFLOP/s, no sparsity), matched by device name.
 DATASHEET_BF16_TFLOPS = (("H200", 989.4), ("H100 PCIe", 756.0), ("H100", 989.4), ("A100", 312.0), ("L40S", 362.1))
@@ -143,25 +147,26 @@ class Bench:
         self.backend = None
 
     def build(self, mode_overrides: list[str], loader: str):
+        """The run of one mode: the trainer's build_run, with device batches or the configured loader."""
         cfg = load_config(self.configs, [*self.overrides, *mode_overrides, "eval.every_steps=0"])
         # No accumulation: a benchmark step is one micro-batch per rank (set before a backend reads it).
         cfg.train.batch_size = cfg.train.batch_per_gpu * read_launch_env().world_size
         run = build_run(cfg, None, (lambda backend: device_batches(cfg, backend.device)) if loader == "device"
                         else None)
         self.backend = run.backend
-        return cfg, run, run.loader
+        return run
 
     def measure(self, mode: str, mode_overrides: list[str], loader: str, steps: int, warmup: int,
                 phase_steps: int = 5, profile: bool = False) -> BenchResult:
-        cfg, run, data = self.build(mode_overrides, loader)
+        run = self.build(mode_overrides, loader)
         try:
-            return self._measure(mode, mode_overrides, loader, cfg, run, data, steps, warmup, phase_steps, profile)
+            return self._measure(mode, mode_overrides, loader, run, steps, warmup, phase_steps, profile)
         finally:  # stop the real loader's workers: they would otherwise keep prefetching during the next mode
-            if hasattr(data, "close"):
-                data.close()
+            if hasattr(run.loader, "close"):
+                run.loader.close()
 
-    def _measure(self, mode, mode_overrides, loader, cfg, run, data, steps, warmup, phase_steps, profile):
-        dev, backend = run.backend.device, run.backend
+    def _measure(self, mode, mode_overrides, loader, run, steps, warmup, phase_steps, profile):
+        cfg, dev, backend, data = run.cfg, run.backend.device, run.backend, run.loader
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         flag = PreemptionFlag(grace_s=0.0)

@@ -120,10 +120,10 @@ def _validate(cfg) -> None:
         raise ConfigError(f"'train.ema_decay' must be in [0, 1); got {cfg.train.ema_decay}")
     if not 0 < cfg.ict.sigma_min < cfg.ict.sigma_max:
         raise ConfigError(f"need 0 < ict.sigma_min < ict.sigma_max; got {cfg.ict.sigma_min}, {cfg.ict.sigma_max}")
-    _validate_teacher(cfg)
+    check_teacher(cfg)
 
 
-def _validate_teacher(cfg) -> None:
+def check_teacher(cfg) -> None:
     """The EMA teacher's rate, and the backends that can hold its full copy of the network."""
     if not 0.0 <= cfg.ict.teacher_mu0 < 1.0:
         raise ConfigError(f"'ict.teacher_mu0' must be in [0, 1); got {cfg.ict.teacher_mu0}")

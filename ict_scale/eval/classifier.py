@@ -22,6 +22,7 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from ict_scale.checkpoint import Storage
+from ict_scale.ict import from_uint8
 
 from .inception import exact_fp32
 from .weights_file import read_verified
@@ -81,11 +82,6 @@ class SmallClassifier(nn.Module):
         """x: float images in [-1, 1], (N, 3, R, R)."""
         features = self.body(x).mean(dim=(2, 3))  # global average pool, as Inception's pool3
         return features, self.head(features)
-
-
-def to_unit_range(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [0, 255] -> float32 [-1, 1], the data scaling of training (iCT §1 constants)."""
-    return images.to(torch.float32) / 127.5 - 1.0
 
 
 def classifier_bytes(model: SmallClassifier, extra: dict | None = None) -> bytes:
@@ -168,7 +164,7 @@ class ClassifierFeatures:
             raise ValueError(f"the classifier was trained on {r}x{r} images, got {tuple(images.shape[2:])}")
         # bf16 autocast from a surrounding training context must not reach the feature network.
         with exact_fp32(), torch.autocast(self.device.type, enabled=False):
-            features, _ = self.network(to_unit_range(images.to(self.device, non_blocking=True)))
+            features, _ = self.network(from_uint8(images.to(self.device, non_blocking=True)))
         return features
 
 

@@ -22,14 +22,16 @@ class EvalConfig:
     seed: int = 0                      # sample i's noise and label come from (seed, i) alone, at any world size
 
 
+FEATURE_EXTRACTORS = ("inception", "classifier")  # closed registry; eval.features names one
+
 # Two-step intermediate level: the iCT paper's (CIFAR-10) and reproductions' (ImageNet-64).
 SIGMA_MID_BY_RECIPE = {"cifar10": 0.821, "imagenet64": 1.526}
 
 
 def check_eval_config(cfg: EvalConfig) -> None:
     """Reject values the evaluation cannot run with, naming the key."""
-    if cfg.features not in ("inception", "classifier"):
-        raise ValueError(f"eval.features={cfg.features!r}: expected inception or classifier")
+    if cfg.features not in FEATURE_EXTRACTORS:
+        raise ValueError(f"eval.features={cfg.features!r}: expected one of {list(FEATURE_EXTRACTORS)}")
     if cfg.num < 2:
         raise ValueError(f"eval.num={cfg.num}: need at least 2 samples for a covariance")
     if not cfg.steps or any(k not in (1, 2) for k in cfg.steps) or len(set(cfg.steps)) != len(cfg.steps):

@@ -10,11 +10,10 @@ from __future__ import annotations
 import torch
 
 from .classifier import build_classifier_features
-from .config import EvalConfig
+from .config import FEATURE_EXTRACTORS, EvalConfig
 from .frechet import FEATURE_DIM
 from .inception import build_inception
 
-FEATURE_EXTRACTORS = ("inception", "classifier")  # closed registry; eval.features names one
 METRIC_BY_EXTRACTOR = {"inception": "fid", "classifier": "fcd"}
 
 
@@ -30,11 +29,16 @@ def metric_of(protocol: dict) -> str:
     return METRIC_BY_EXTRACTOR[extractor_of(protocol)]
 
 
-def build_features(cfg: EvalConfig, device: torch.device | str, storage_options: dict | None = None):
-    """The feature network eval.features names, from its configured weights."""
+def build_features(cfg: EvalConfig, device: torch.device | str, storage_options: dict | None = None,
+                   random_inception: int | None = None):
+    """The feature network eval.features names, from its configured weights; `random_inception` (a seed)
+    gives Inception seeded random weights instead (tests and timing only)."""
     if cfg.features == "classifier":
+        if random_inception is not None:
+            raise ValueError("random Inception weights (--random-inception) apply to eval.features=inception only, "
+                             "got eval.features=classifier")
         return build_classifier_features(cfg.classifier_weights, device, storage_options=storage_options)
     if cfg.features == "inception":
         return build_inception(cfg.inception_weights, device, sha256=cfg.inception_sha256 or None,
-                               storage_options=storage_options)
+                               storage_options=storage_options, random_seed=random_inception)
     raise ValueError(f"eval.features={cfg.features!r}: expected one of {list(FEATURE_EXTRACTORS)}")

@@ -28,6 +28,11 @@ def multistep_sample(model: Callable, z: torch.Tensor, sigmas: Sequence[float] =
     return x.clamp(-1, 1)
 
 
+def from_uint8(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] images to float32 [-1, 1] (x / 127.5 - 1): the data scaling of training (iCT §1)."""
+    return images.to(torch.float32) / 127.5 - 1.0
+
+
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """[-1, 1] floats to uint8 by round-half-to-even of (x + 1) * 127.5, clamped (the EDM/ADM convention)."""
     return ((x.to(torch.float32) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)

@@ -5,6 +5,7 @@ import time
 
 import torch
 
+from ict_scale.ict import from_uint8
 from ict_scale.parallel import comm
 
 from .console import RunConsole
@@ -21,7 +22,7 @@ def next_micro_batches(run: Run, data_iter):
     batches = []
     for _ in range(run.accumulation):
         images, labels = next(data_iter)
-        x = images.to(dev, non_blocking=True).to(torch.float32).div_(127.5).sub_(1.0)
+        x = from_uint8(images.to(dev, non_blocking=True))
         y = labels.to(dev, non_blocking=True) if run.cfg.data.num_classes > 0 and not run.cfg.data.drop_labels \
             else None
         batches.append((x.contiguous(memory_format=fmt), y))
@@ -43,10 +44,10 @@ def apply_or_skip(run: Run, result, preempt: PreemptionFlag) -> bool:
     else:
         run.backend.optimizer_step()
         run.backend.zero_grad()
-        run.ema.update(run.backend.ema_targets(), run.cfg.train.ema_decay)
+        targets = run.backend.ema_targets()
+        run.ema.update(targets, run.cfg.train.ema_decay)
         if run.teacher is not None:  # original CT: theta^- follows theta at mu(k), after every applied step
-            run.teacher.update(run.backend.ema_targets(),
-                               teacher_decay_for(run.cfg.ict, result.num_scales, run.cfg.train.total_steps))
+            run.teacher.update(targets, teacher_decay_for(run.cfg.ict, result.num_scales, run.cfg.train.total_steps))
         run.nonfinite_run = 0
     return bool(stop)
 

@@ -9,7 +9,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ict_scale.checkpoint import CheckpointManager, Storage, torch_bytes
-from ict_scale.config import Config, ConfigError, to_yaml
+from ict_scale.config import Config, ConfigError, check_teacher, to_yaml
 from ict_scale.data import build_loader
 from ict_scale.parallel import comm
 from ict_scale.parallel.backend import build_backend
@@ -95,8 +95,7 @@ def build_teacher(cfg, backend) -> EMATeacher | None:
     """Original CT's EMA teacher, initialised to the student's weights (after placement), or None for iCT's."""
     if cfg.ict.teacher != "ema":
         return None
-    if backend.name not in ("single", "ddp"):  # the config check says so too; a hand-built cfg may skip it
-        raise ConfigError(f"ict.teacher=ema needs parallel.backend single or ddp; got {backend.name}")
+    check_teacher(cfg)  # load_config ran it already; a config built in code may not have
     # backend.module is the unwrapped, placed network: DDP's wrapper (and its reducer) stays out of the copy.
     return EMATeacher(backend.module)
 

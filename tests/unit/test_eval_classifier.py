@@ -12,8 +12,8 @@ from data_prep import make_shards, ref_stats, train_classifier
 from ict_scale import evaluate
 from ict_scale.data.synthetic import synthetic_images
 from ict_scale.eval import (ClassifierSpec, ClassifierWeightsError, EvalConfig, FeatureMoments, FIDEvaluator, RefStats,
-                            SampleSpec, SmallClassifier, build_classifier_features, build_inception, check_compatible,
-                            check_eval_config, frechet_distance, load_ref_stats, save_classifier)
+                            SampleSpec, SmallClassifier, build_classifier_features, build_features, build_inception,
+                            check_compatible, check_eval_config, frechet_distance, load_ref_stats, save_classifier)
 from ict_scale.eval.classifier import FORMAT
 from ict_scale.ict import ConsistencyModel
 from ict_scale.networks import build_network, network_c_noise
@@ -209,3 +209,15 @@ def test_command_lines_take_the_classifier():
     assert (cfg.features, cfg.classifier_weights) == ("classifier", "c.safetensors")
     assert evaluate.eval_config(EvalConfig(features="classifier"), evaluate.parse_args(["runs/x"])).features == \
         "classifier"
+
+
+def test_random_inception_weights_are_refused_for_the_classifier(weights):
+    path, _ = weights
+    with pytest.raises(SystemExit):  # argparse's error: the two flags contradict each other
+        ref_stats.parse_args(["--data", "synthetic", "--out", "r.npz", "--features", "classifier",
+                              "--random-inception", "0"])
+    with pytest.raises(ValueError, match="apply to eval.features=inception only"):
+        build_features(EvalConfig(features="classifier", classifier_weights=path), "cpu", random_inception=0)
+    args = ref_stats.parse_args(["--data", "synthetic", "--out", "r.npz", "--features", "classifier",
+                                 "--classifier-weights", path])
+    assert build_features(ref_stats.feature_config(args), "cpu").protocol["extractor"] == "classifier"

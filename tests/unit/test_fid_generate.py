@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from ict_scale.eval import generate_uint8, rank_indices, sample_inputs, sample_rng, sampling_sigmas
-from ict_scale.ict import multistep_sample, to_uint8
+from ict_scale.ict import from_uint8, multistep_sample, to_uint8
 
 
 @pytest.mark.parametrize("num", [1, 5, 7, 50000])
@@ -67,3 +67,6 @@ def test_generate_uint8_is_the_quantised_multistep_sample():
     assert torch.equal(out, to_uint8(multistep_sample(model, z, (80.0, 0.821), None, renoise, 0.002)))
     # Rounding to nearest: 0 -> 127.5 -> 128 (ties to even), the extremes map to 0 and 255.
     assert to_uint8(torch.tensor([-1.0, 0.0, 1.0, 1 / 127.5 - 1])).tolist() == [0, 128, 255, 1]
+    levels = torch.arange(256, dtype=torch.uint8)
+    assert from_uint8(levels)[[0, 255]].tolist() == [-1.0, 1.0] and from_uint8(levels).dtype == torch.float32
+    assert torch.equal(to_uint8(from_uint8(levels)), levels)  # the data scaling and the quantisation invert
