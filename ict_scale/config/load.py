@@ -16,6 +16,7 @@ _ENUMS = {
     "ict.index_sampling": ("lognormal", "uniform"),
     "ict.curriculum": ("doubling", "sqrt"),
     "ict.teacher": ("student", "ema"),
+    "train.teacher_pass": ("auto", "no_grad", "student_graph"),
     "train.precision": ("auto", "bf16", "fp32"),
     "parallel.backend": ("single", "ddp", "fsdp", "deepspeed"),
 }

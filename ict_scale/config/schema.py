@@ -39,6 +39,8 @@ class ModelConfig:
     num_blocks: Optional[int] = None              # residual blocks per resolution
     attn_resolutions: Optional[List[int]] = None  # resolutions with self-attention
     dropout: Optional[float] = None               # dropout probability (ADM: only at <= 16x16)
+    fp32_conditioning: bool = True                # noise-level path (Fourier/sinusoidal features, mapping MLP, each
+                                                  # block's embedding projection) in fp32 under bf16; off = all bf16
 
 
 @dataclass
@@ -64,6 +66,9 @@ class TrainConfig:
     ema_decay: float = 0.99993        # evaluation EMA decay per step
     channels_last: bool = True        # NHWC memory format on CUDA
     compile: bool = False             # torch.compile each block (per-block, so a graph break stays local)
+    teacher_pass: str = "auto"        # how the stop-gradient teacher runs: no_grad | student_graph (autograd on, output
+                                      # detached: a compiled network reuses the student's graph, so both passes run the
+                                      # same kernels) | auto (student_graph when compile is on, else no_grad)
     cudnn_benchmark: bool = False     # let cuDNN time its convolution algorithms per shape (CUDA): measured +-1%, and a
                                       # resumed process may then pick other algorithms (not bit-identical)
     log_every: int = 50               # steps between metrics.jsonl lines

@@ -66,15 +66,19 @@ def sample_intervals(disc: Discretisation, batch: int, generator: torch.Generato
 
 
 def consistency_pair(student: Callable, teacher: Callable, x: torch.Tensor, z: torch.Tensor,
-                     sigma_lo: torch.Tensor, sigma_hi: torch.Tensor, class_labels=None):
+                     sigma_lo: torch.Tensor, sigma_hi: torch.Tensor, class_labels=None,
+                     teacher_in_grad_mode: bool = False):
     """Student f(x + s_{i+1} z, s_{i+1}) and teacher f(x + s_i z, s_i) with ONE z and ONE dropout mask.
 
     The RNG state (CPU and, where present, CUDA) is forked and restored so that both passes draw the
-    same dropout masks; the teacher runs under no_grad, so no gradient hook or reducer sees it.
+    same dropout masks. The teacher's output is detached (stop-gradient). By default it runs under
+    no_grad, so no gradient hook or reducer sees it. `teacher_in_grad_mode` runs it with autograd on
+    instead (its graph is dropped at once): a compiled network then runs the student's own training
+    graph for the teacher, the same kernels, where a separate no-grad graph would round differently.
     """
     devices = [x.device] if x.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        with torch.no_grad():
-            target = teacher(x + sigma_lo.view(-1, 1, 1, 1) * z, sigma_lo, class_labels)
+        with torch.set_grad_enabled(teacher_in_grad_mode):
+            target = teacher(x + sigma_lo.view(-1, 1, 1, 1) * z, sigma_lo, class_labels).detach()
     pred = student(x + sigma_hi.view(-1, 1, 1, 1) * z, sigma_hi, class_labels)
-    return pred, target.detach()
+    return pred, target

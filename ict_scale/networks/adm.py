@@ -13,13 +13,14 @@ residual branch, the attention output projection and the output conv, which star
 """
 from __future__ import annotations
 
+import contextlib
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import (PositionalEmbedding, Resample2x, SelfAttention, ZeroConv2d, check_inputs, group_norm,
-                     init_weights_, level_resolutions, torch_default_init_)
+from .layers import (ConditioningLinear, PositionalEmbedding, Resample2x, SelfAttention, ZeroConv2d, check_inputs,
+                     group_norm, init_weights_, level_resolutions, no_autocast, torch_default_init_)
 
 NEAREST_AND_AVG_POOL = (1, 1)  # the FIR kernel that is exactly nearest up-sampling / 2x2 average pooling
 
@@ -32,12 +33,13 @@ class ADMBlock(nn.Module):
     """
 
     def __init__(self, in_channels: int, out_channels: int, emb_channels: int, *, dropout: float,
-                 head_channels: int, eps: float, resample: str | None = None, attention: bool = False):
+                 head_channels: int, eps: float, resample: str | None = None, attention: bool = False,
+                 fp32_conditioning: bool = True):
         super().__init__()
         self.norm0 = group_norm(in_channels, eps)
         self.resample = Resample2x(resample, NEAREST_AND_AVG_POOL) if resample else nn.Identity()
         self.conv0 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
-        self.emb_proj = nn.Linear(emb_channels, 2 * out_channels)
+        self.emb_proj = ConditioningLinear(emb_channels, 2 * out_channels, fp32=fp32_conditioning)
         self.norm1 = group_norm(out_channels, eps)
         # No module at all where dropout is off, so "no dropout above 16x16" is visible in the tree.
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -61,20 +63,22 @@ class ADM(nn.Module):
     def __init__(self, *, img_resolution: int, in_channels: int, label_dim: int, model_channels: int,
                  channel_mult: tuple[int, ...], channel_mult_emb: int, num_blocks: int,
                  attn_resolutions: tuple[int, ...], head_channels: int, dropout: float,
-                 dropout_max_resolution: int | None, out_channels: int | None = None, eps: float = 1e-5):
+                 dropout_max_resolution: int | None, out_channels: int | None = None, eps: float = 1e-5,
+                 fp32_conditioning: bool = True):
         super().__init__()
         resolutions = level_resolutions(img_resolution, channel_mult, attn_resolutions)
         self.img_resolution, self.in_channels, self.label_dim = img_resolution, in_channels, label_dim
         emb_ch = model_channels * channel_mult_emb
         self.map_noise = PositionalEmbedding(model_channels)
-        self.map_layer0 = nn.Linear(model_channels, emb_ch)
-        self.map_layer1 = nn.Linear(emb_ch, emb_ch)
+        self.fp32_conditioning = fp32_conditioning
+        self.map_layer0 = ConditioningLinear(model_channels, emb_ch, fp32=fp32_conditioning)
+        self.map_layer1 = ConditioningLinear(emb_ch, emb_ch, fp32=fp32_conditioning)
         self.map_label = nn.Embedding(label_dim, emb_ch) if label_dim else None
 
         def block(cin: int, cout: int, out_res: int, **kwargs) -> ADMBlock:
             on = dropout_max_resolution is None or out_res <= dropout_max_resolution
-            return ADMBlock(cin, cout, emb_ch, dropout=dropout if on else 0.0,
-                            head_channels=head_channels, eps=eps, **kwargs)
+            return ADMBlock(cin, cout, emb_ch, dropout=dropout if on else 0.0, head_channels=head_channels,
+                            eps=eps, fp32_conditioning=fp32_conditioning, **kwargs)
 
         ch = model_channels * channel_mult[0]
         self.conv_in = nn.Conv2d(in_channels, ch, kernel_size=3, padding=1)
@@ -117,14 +121,16 @@ class ADM(nn.Module):
         """The residual(+attention) blocks in forward order, for per-block FSDP / checkpointing."""
         return [*self.enc, *self.mid, *self.dec]
 
+    def conditioning_modules(self) -> list[nn.Module]:
+        """The modules with parameters on the noise-level path (mapping network, label embedding, per-block
+        scale/shift projections): float32 even under bf16 mixed precision when `fp32_conditioning` is set."""
+        mapping = [m for m in (self.map_layer0, self.map_layer1, self.map_label) if m is not None]
+        return [*mapping, *(block.emb_proj for block in self.shard_units())]
+
     def forward(self, x: torch.Tensor, noise_labels: torch.Tensor,
                 class_labels: torch.Tensor | None = None) -> torch.Tensor:
         check_inputs(x, noise_labels, class_labels, self.in_channels, self.img_resolution, self.label_dim)
-        emb = self.map_layer1(F.silu(self.map_layer0(self.map_noise(noise_labels))))
-        if self.map_label is not None:
-            emb = emb + self.map_label(class_labels)
-        # Every block reads silu(emb) (guided-diffusion's emb_layers start with SiLU): compute it once.
-        emb = F.silu(emb)
+        emb = self.embed_noise(noise_labels, class_labels, x.device.type)
 
         h = self.conv_in(x)
         skips = [h]
@@ -138,3 +144,13 @@ class ADM(nn.Module):
                 h = torch.cat([h, skips.pop()], dim=1)
             h = block(h, emb)
         return self.out_conv(F.silu(self.out_norm(h)))
+
+    def embed_noise(self, noise_labels: torch.Tensor, class_labels: torch.Tensor | None,
+                    device_type: str) -> torch.Tensor:
+        """silu(MLP(sinusoidal(c_noise)) + label embedding): what every block's scale/shift projection reads."""
+        with no_autocast(device_type) if self.fp32_conditioning else contextlib.nullcontext():
+            emb = self.map_layer1(F.silu(self.map_layer0(self.map_noise(noise_labels))))
+            if self.map_label is not None:
+                emb = emb + self.map_label(class_labels)
+            # Every block reads silu(emb) (guided-diffusion's emb_layers start with SiLU): compute it once.
+            return F.silu(emb)

@@ -7,6 +7,7 @@ only tensors created in `forward` are built on the input's device. Randomly init
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable
 
@@ -128,6 +129,37 @@ class SelfAttention(nn.Module):
         a = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(head_channels)) v
         a = a.transpose(1, 2).reshape(B, H, W, C).permute(0, 3, 1, 2)
         return (x + self.proj(a)) * self.skip_scale
+
+
+def no_autocast(device_type: str):
+    """A context that switches autocast off on `device_type` (a no-op where autocast does not exist)."""
+    if device_type in ("cpu", "cuda"):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+class ConditioningLinear(nn.Linear):
+    """A Linear of the noise-level conditioning path that computes in float32 when `fp32` is set.
+
+    At the finest discretisation (N = 1281) neighbouring sigmas differ by ~1e-5 relative at the mapping
+    network and the per-block embedding projections, far below bf16's resolution (~4e-3): computed in
+    bf16, most channels come out identical for sigma_i and sigma_{i+1}, so teacher and student would see
+    the same conditioning. EDM and guided-diffusion keep this path in fp32 too. Here it runs outside
+    autocast, with the weights upcast, so it is fp32 whatever the parameters' dtype (bf16 under a sharding
+    backend's mixed precision); the output stays fp32 and promotes the sum it joins. The parameter names
+    are those of nn.Linear, so checkpoints do not depend on the flag.
+    """
+
+    def __init__(self, in_features: int, out_features: int, fp32: bool = True):
+        super().__init__(in_features, out_features)
+        self.fp32 = fp32
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.fp32:
+            return super().forward(x)
+        with no_autocast(x.device.type):
+            bias = None if self.bias is None else self.bias.float()
+            return F.linear(x.float(), self.weight.float(), bias)
 
 
 class FourierEmbedding(nn.Module):

@@ -10,8 +10,6 @@ which start at zero. So each block starts as (a rescaled) identity and the netwo
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import functools
 import math
 
@@ -19,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import (FourierEmbedding, Resample2x, SelfAttention, ZeroConv2d, check_inputs, fir_taps,
-                     group_norm, init_weights_, level_resolutions, xavier_init_)
+from .layers import (ConditioningLinear, FourierEmbedding, Resample2x, SelfAttention, ZeroConv2d, check_inputs,
+                     fir_taps, group_norm, init_weights_, level_resolutions, no_autocast, xavier_init_)
 
 SKIP_SCALE = 1 / math.sqrt(2)  # score-SDE skip_rescale: (x + h) / sqrt(2) keeps the variance of a sum
 
@@ -33,13 +31,14 @@ class NCSNppBlock(nn.Module):
     """
 
     def __init__(self, in_channels: int, out_channels: int, emb_channels: int, *, dropout: float,
-                 fir_kernel: tuple[int, ...], eps: float, resample: str | None = None, attention: bool = False):
+                 fir_kernel: tuple[int, ...], eps: float, resample: str | None = None, attention: bool = False,
+                 fp32_conditioning: bool = True):
         super().__init__()
         self.norm0 = group_norm(in_channels, eps)
         # One stateless module serves both branches: h and x are resampled by the same filter.
         self.resample = Resample2x(resample, fir_kernel) if resample else nn.Identity()
         self.conv0 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
-        self.emb_proj = nn.Linear(emb_channels, out_channels)
+        self.emb_proj = ConditioningLinear(emb_channels, out_channels, fp32=fp32_conditioning)
         self.norm1 = group_norm(out_channels, eps)
         self.dropout = nn.Dropout(dropout)  # draws from torch's global RNG: same state, same mask
         self.conv1 = ZeroConv2d(out_channels, out_channels, kernel_size=3, padding=1)
@@ -50,7 +49,9 @@ class NCSNppBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.conv0(self.resample(F.silu(self.norm0(x))))
-        h = h + self.emb_proj(emb)[:, :, None, None]
+        # The sum is formed in fp32 (the projection's dtype) and then rounded once to h's dtype: rounding the
+        # projection first would make it identical for neighbouring sigmas in most channels again.
+        h = (h + self.emb_proj(emb)[:, :, None, None]).to(h.dtype)
         h = self.conv1(self.dropout(F.silu(self.norm1(h))))
         x = self.resample(x)
         x = (h + (self.skip(x) if self.skip is not None else x)) * SKIP_SCALE
@@ -83,16 +84,19 @@ class NCSNpp(nn.Module):
     def __init__(self, *, img_resolution: int, in_channels: int, label_dim: int, model_channels: int,
                  channel_mult: tuple[int, ...], channel_mult_emb: int, channel_mult_noise: int,
                  num_blocks: int, attn_resolutions: tuple[int, ...], dropout: float, fourier_scale: float,
-                 fir_kernel: tuple[int, ...], out_channels: int | None = None, eps: float = 1e-6):
+                 fir_kernel: tuple[int, ...], out_channels: int | None = None, eps: float = 1e-6,
+                 fp32_conditioning: bool = True):
         super().__init__()
         resolutions = level_resolutions(img_resolution, channel_mult, attn_resolutions)
         self.img_resolution, self.in_channels, self.label_dim = img_resolution, in_channels, label_dim
         emb_ch, noise_ch = model_channels * channel_mult_emb, model_channels * channel_mult_noise
         self.map_noise = FourierEmbedding(noise_ch, fourier_scale)
         self.map_label = nn.Embedding(label_dim, noise_ch) if label_dim else None
-        self.map_layer0 = nn.Linear(noise_ch, emb_ch)
-        self.map_layer1 = nn.Linear(emb_ch, emb_ch)
-        block = functools.partial(NCSNppBlock, emb_channels=emb_ch, dropout=dropout, fir_kernel=fir_kernel, eps=eps)
+        self.fp32_conditioning = fp32_conditioning
+        self.map_layer0 = ConditioningLinear(noise_ch, emb_ch, fp32=fp32_conditioning)
+        self.map_layer1 = ConditioningLinear(emb_ch, emb_ch, fp32=fp32_conditioning)
+        block = functools.partial(NCSNppBlock, emb_channels=emb_ch, dropout=dropout, fir_kernel=fir_kernel, eps=eps,
+                                  fp32_conditioning=fp32_conditioning)
 
         self.conv_in = nn.Conv2d(in_channels, model_channels, kernel_size=3, padding=1)
         self.enc, self.aux_down, self._enc_is_down = nn.ModuleList(), nn.ModuleList(), []
@@ -137,22 +141,16 @@ class NCSNpp(nn.Module):
         """The residual(+attention) blocks in forward order, for per-block FSDP / checkpointing."""
         return [*self.enc, *self.mid, *self.dec]
 
+    def conditioning_modules(self) -> list[nn.Module]:
+        """The modules with parameters on the noise-level path (mapping network, per-block projections):
+        float32 even under bf16 mixed precision when `fp32_conditioning` is set."""
+        mapping = [m for m in (self.map_label, self.map_layer0, self.map_layer1) if m is not None]
+        return [*mapping, *(block.emb_proj for block in self.shard_units())]
+
     def forward(self, x: torch.Tensor, noise_labels: torch.Tensor,
                 class_labels: torch.Tensor | None = None) -> torch.Tensor:
         check_inputs(x, noise_labels, class_labels, self.in_channels, self.img_resolution, self.label_dim)
-        # The noise embedding runs in the weights' own dtype, not autocast's: with Fourier scale 0.02,
-        # neighbouring sigmas of the finest discretisation differ by ~1e-3 in these features, which bf16 would
-        # round away. (Where a wrapper keeps the weights themselves in bf16, as FSDP2 mixed precision does,
-        # the embedding follows them.)
-        no_autocast = torch.autocast(x.device.type, enabled=False) if x.device.type in ("cpu", "cuda") \
-            else nullcontext()
-        with no_autocast:
-            emb = self.map_noise(noise_labels.float())
-            if self.map_label is not None:
-                emb = emb + self.map_label(class_labels)
-            emb = emb.to(self.map_layer0.weight.dtype)
-            emb = F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))
-
+        emb = self.embed_noise(noise_labels, class_labels, x.device.type)
         aux, aux_down = x, iter(self.aux_down)
         h = self.conv_in(x)
         skips = [h]
@@ -169,3 +167,15 @@ class NCSNpp(nn.Module):
                 h = torch.cat([h, skips.pop()], dim=1)
             h = block(h, emb)
         return self.out_conv(F.silu(self.out_norm(h)))
+
+    def embed_noise(self, noise_labels: torch.Tensor, class_labels: torch.Tensor | None,
+                    device_type: str) -> torch.Tensor:
+        """The conditioning vector every block projects: Fourier features of c_noise (+ label), mapping MLP."""
+        with no_autocast(device_type):
+            emb = self.map_noise(noise_labels.float())
+            if self.map_label is not None:
+                emb = emb + self.map_label(class_labels).float()
+            if not self.fp32_conditioning:
+                # Without fp32 conditioning the MLP runs in the weights' own dtype (bf16 under FSDP2/ZeRO).
+                emb = emb.to(self.map_layer0.weight.dtype)
+            return F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))

@@ -19,6 +19,15 @@ def shard_units(module: nn.Module) -> list[nn.Module]:
     return list(net.shard_units())
 
 
+def fp32_conditioning_modules(module: nn.Module) -> list[nn.Module]:
+    """The noise-level path's modules that stay float32 under bf16 mixed precision (empty when the network
+    computes its conditioning in the parameters' dtype)."""
+    net = getattr(module, "net", module)
+    if not getattr(net, "fp32_conditioning", False):
+        return []
+    return list(net.conditioning_modules())
+
+
 def _checkpointed_forward(forward, *args, **kwargs):
     # Non-reentrant checkpointing works under no_grad (the teacher pass) and with FSDP2 hooks;
     # preserve_rng_state replays the CPU and CUDA generators, so recomputed dropout masks match.

@@ -15,7 +15,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, Offlo
 from torch.distributed.tensor import DTensor
 
 from .backend import DistributedBackend
-from .blocks import shard_units
+from .blocks import fp32_conditioning_modules, shard_units
 from .eval_copy import EvalCopy
 
 
@@ -43,6 +43,15 @@ def shard_model(module: nn.Module, mesh: DeviceMesh, bf16: bool, reshard_after_f
         return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
                                     cast_forward_inputs=cast_inputs)
 
+    conditioning = fp32_conditioning_modules(module) if bf16 else []
+    if conditioning:
+        # The noise-level path (mapping MLP, every block's embedding projection) as ONE unit with fp32
+        # parameters: bf16 would round away the difference between neighbouring sigmas (see
+        # networks.layers.ConditioningLinear). It is small (~10% of the weights), so it is gathered once per
+        # step and kept through the teacher, the student and the backward (no reshard after forward).
+        fully_shard(conditioning, mesh=mesh, reshard_after_forward=False, offload_policy=offload,
+                    mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32,
+                                                   cast_forward_inputs=False))
     for block in shard_units(module):
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy(True),
                     offload_policy=offload)

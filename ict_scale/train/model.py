@@ -18,7 +18,7 @@ def build_model(cfg) -> ConsistencyModel:
         if k in overrides:
             overrides[k] = tuple(overrides[k])
     net = build_network(cfg.model.name, img_resolution=cfg.data.resolution, in_channels=3,
-                        label_dim=num_classes(cfg), **overrides)
+                        label_dim=num_classes(cfg), fp32_conditioning=cfg.model.fp32_conditioning, **overrides)
     return ConsistencyModel(net, network_c_noise(cfg.model.name), sigma_data=cfg.ict.sigma_data,
                             sigma_min=cfg.ict.sigma_min)
 

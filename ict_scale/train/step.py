@@ -57,6 +57,8 @@ def train_step(backend, micro_batches, step: int, cfg, teacher=None) -> StepResu
     disc = discretisation(num_scales, ict.sigma_min, ict.sigma_max, ict.rho, ict.p_mean, ict.p_std,
                           ict.index_sampling)
     metric = METRICS[ict.metric]
+    # An EMA teacher has weights of its own: no graph to share with the student.
+    teacher_in_grad_mode = teacher is None and backend.teacher_in_grad_mode()
     teacher = teacher if teacher is not None else backend.teacher()
     total = torch.zeros((), device=backend.device)
     for i, (x, labels) in enumerate(micro_batches):
@@ -65,7 +67,8 @@ def train_step(backend, micro_batches, step: int, cfg, teacher=None) -> StepResu
             sigma_lo, sigma_hi, weight = sample_intervals(disc, x.shape[0], device=x.device)
             z = torch.randn_like(x)  # one z per sample, shared by student and teacher (iCT eq. 8)
             with backend.autocast():
-                pred, target = consistency_pair(backend.model, teacher, x, z, sigma_lo, sigma_hi, labels)
+                pred, target = consistency_pair(backend.model, teacher, x, z, sigma_lo, sigma_hi, labels,
+                                                teacher_in_grad_mode)
             loss = (weight * metric(pred, target, pseudo_huber_c(x.shape[1:]))).mean() / len(micro_batches)
             backend.backward(loss)
             total += loss.detach()
