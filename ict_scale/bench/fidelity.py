@@ -56,8 +56,25 @@ def prepared_backend(configs: list[str], overrides: list[str]):
     cfg = load_config(configs, overrides)
     torch.manual_seed(cfg.train.seed)
     backend = Backend(cfg)
-    backend.prepare(build_model(cfg), lambda params: torch.optim.SGD(params, lr=0.0))
+    model = build_model(cfg)
+    randomize_weights_(model)
+    backend.prepare(model, lambda params: torch.optim.SGD(params, lr=0.0))
     return cfg, backend
+
+
+@torch.no_grad()
+def randomize_weights_(model: torch.nn.Module) -> None:
+    """Give every layer non-zero random weights, as a trained network has.
+
+    At initialisation the output conv and the last conv of every residual branch are zero, so the network's
+    output is 0 and the student and teacher outputs agree trivially; a check of their numerics needs the
+    whole network to contribute.
+    """
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+            torch.nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                torch.nn.init.normal_(module.bias, std=0.05)
 
 
 def paired_difference(cfg, backend, batch: int, seed: int = 0) -> dict[str, float]:
@@ -79,6 +96,8 @@ def paired_difference(cfg, backend, batch: int, seed: int = 0) -> dict[str, floa
                                             backend.teacher_in_grad_mode())
         diffs.append((pred.detach() - target).abs().float())
     diff = diffs[-1]
+    if pred.detach().abs().max() == 0:
+        raise ValueError("the network's output is identically zero: nothing to compare")
     return {"max_abs": diff.max().item(), "mean_abs": diff.mean().item(),
             "bf16_level": pred.detach().abs().max().item() * BF16_UNIT_ROUNDOFF,
             "max_abs_all_repeats": max(d.max().item() for d in diffs)}
