@@ -1,13 +1,14 @@
 """Where a training step's time goes: device-side spans for each phase of the real step.
 
 The spans are recorded by hooks on the trainer's own objects (no copy of the step): forward hooks on the
-unwrapped model tell the teacher pass (no grad) from the student pass, and the backend's backward, grad
+unwrapped model tell the teacher pass from the student pass (by call order), and the backend's backward, grad
 norm and optimiser step and the EMA update are wrapped for the few instrumented steps only. On CUDA the
 spans are pairs of CUDA events (no synchronisation inside the step); on CPU, wall-clock time.
 """
 from __future__ import annotations
 
 import contextlib
+import itertools
 import time
 from collections import defaultdict
 
@@ -52,8 +53,18 @@ class PhaseTimer:
         # The student's network, and original CT's EMA teacher where the run has one (ict.teacher=ema).
         modules = [backend.module] + ([run.teacher.module] if run.teacher is not None else [])
 
-        def pre_hook(_module, _args, _kwargs):
-            open_spans.append(("student_fwd" if torch.is_grad_enabled() else "teacher_fwd", self._mark()))
+        # iCT's teacher is the student's own module, called first in each consistency pair; it runs with
+        # autograd on under compile (train.teacher_pass), so the call order, not the grad mode, tells it apart.
+        pair_calls = itertools.count()
+
+        def pre_hook(module, _args, _kwargs):
+            if module is not backend.module:
+                name = "teacher_fwd"
+            elif run.teacher is None:
+                name = "teacher_fwd" if next(pair_calls) % 2 == 0 else "student_fwd"
+            else:
+                name = "student_fwd"
+            open_spans.append((name, self._mark()))
 
         def post_hook(_module, _args, _kwargs, _output):
             name, start = open_spans.pop()

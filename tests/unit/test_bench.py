@@ -66,3 +66,13 @@ def test_bench_times_the_ema_teacher_pass_when_the_run_has_one(tmp_path):
                  "--out", str(out)]) == 0
     phases = json.loads(out.read_text())["results"][0]["phases_ms"]
     assert phases["teacher_fwd"] > 0 and phases["student_fwd"] > 0
+
+
+def test_bench_times_a_teacher_pass_that_runs_with_autograd_on(tmp_path):
+    # Under compile the teacher runs the student's graph with autograd on (train.teacher_pass=student_graph):
+    # it must still be reported as the teacher's phase, not folded into the student's.
+    out = tmp_path / "bench.json"
+    assert main(["demo", *TINY, "train.teacher_pass=student_graph", "--modes", "fp32_eager", "--steps", "1",
+                 "--warmup", "1", "--out", str(out)]) == 0
+    phases = json.loads(out.read_text())["results"][0]["phases_ms"]
+    assert phases["teacher_fwd"] > 0 and phases["student_fwd"] > 0
