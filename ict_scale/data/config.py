@@ -20,7 +20,7 @@ class DataConfig:
     storage_options: Dict[str, Any] = field(default_factory=dict)  # fsspec options, e.g. {client_kwargs: {endpoint_url: ...}}; secrets from AWS_* env
     allow_pipe: bool = False           # accept "pipe:" shard URLs (they run a shell command; off for safety)
     max_skip_rate: float = 0.01        # raise once skipped / read samples exceeds this (per worker)
-    min_samples_for_skip_rate: int = 1000  # samples a worker reads before the skip rate is enforced
+    min_samples_for_skip_rate: int = 1000  # samples a worker reads before max_skip_rate applies, capped at one epoch; a run that reads fewer per worker is never stopped (its skips still show in metrics.jsonl)
     io_retries: int = 5                # attempts per shard read on transient storage errors (backoff doubles)
     io_backoff_s: float = 0.5          # first retry delay in seconds
     check_shards: bool = True          # list storage at start: a missing or resized shard fails fast

@@ -95,6 +95,38 @@ def test_counters_add_up_over_workers_and_restarts(tmp_path, num_workers):
     assert stream.skip_counts()["bad_label"] == 5
 
 
+def test_counters_continue_in_a_new_loader_from_a_state_summed_over_ranks(tmp_path):
+    """A resumed run's loaders start from the counters in the state: the whole run's, as the trainer
+    sums them over ranks (here two ranks that met the same samples) and saves them."""
+    rng = np.random.default_rng(2)
+    samples = [good_sample(rng, f"{i:03d}") for i in range(GOOD)] + [bad_sample("bad_label", rng)]
+    root = write_shard_set(str(tmp_path), [shard_tar(samples)], [GOOD + 1])
+    first = loader(root, batch_per_rank=GOOD + 1, max_skip_rate=0.5)
+    take(first, 3)
+    two_ranks = lambda counts: {k: 2 * v for k, v in counts.items()}  # noqa: E731
+    state = first.state_dict(skips=first.skip_counts(two_ranks))
+    assert state["skips"]["bad_label"] == 6
+    first.close()
+    resumed = loader(root, batch_per_rank=GOOD + 1, max_skip_rate=0.5)
+    resumed.load_state_dict(state)
+    take(resumed, 1)
+    assert resumed.skip_counts()["bad_label"] == 7  # this rank's one more
+    assert resumed.skip_counts(two_ranks)["bad_label"] == 8  # the saved totals are not counted twice
+    assert resumed.state_dict()["skips"]["bad_label"] == 7
+
+
+def test_skip_rate_applies_after_one_epoch_of_a_small_data_set(tmp_path):
+    """5 bad samples in 100: the default limit (1%) must stop a run that reads 100 samples per worker,
+    although that is fewer than data.min_samples_for_skip_rate (1,000)."""
+    rng = np.random.default_rng(10)
+    samples = [good_sample(rng, f"{i:03d}") for i in range(95)]
+    samples += [{**bad_sample("undecodable", rng), "__key__": f"bad{i}"} for i in range(5)]
+    root = write_shard_set(str(tmp_path), [shard_tar(samples[:50]), shard_tar(samples[50:])], [50, 50])
+    stream = loader(root, batch_per_rank=20)
+    with pytest.raises(DataError, match=r"skipped 5 of 100 samples .*max_skip_rate=1.00%"):
+        take(stream, 6)
+
+
 def test_skip_rate_above_limit_raises_a_clear_error(tmp_path):
     rng = np.random.default_rng(3)
     samples = [good_sample(rng, f"{i:03d}") for i in range(GOOD)] + [bad_sample("undecodable", rng)] * 3
