@@ -156,12 +156,11 @@ def image_folder(src: str, resolution: int, dataset: str = "folder") -> SampleSo
 def imagenet64(src: str, split: str) -> SampleSource:
     """Downsampled-ImageNet npz files (zipped or not), or a raw ImageNet folder (class sub-folders of
     JPEGs) -> 64x64 (ADM preprocessing)."""
-    if not os.path.exists(src):
-        raise FileNotFoundError(f"{src}: not found; expected a folder or file holding {EXPECTED[split]}"
-                                if split in EXPECTED else f"{src}: not found")
     files = find_npz(src, split)
     if files:
         return imagenet64_npz(files, f"{os.path.basename(os.path.normpath(src))}:{split}")
+    if not os.path.exists(src):
+        raise FileNotFoundError(f"{src}: not found; expected a folder or file holding {EXPECTED[split]}")
     expected = f"{src}: no Imagenet64 {split} files: expected {EXPECTED[split]}"
     if not os.path.isdir(src):
         raise FileNotFoundError(expected)

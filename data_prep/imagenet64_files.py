@@ -49,6 +49,8 @@ class NpzFile:
 
 def _candidates(src: str) -> list[NpzFile]:
     """npz files and zip members at most one folder below `src` (or `src` itself when it is a file)."""
+    if not os.path.exists(src):
+        return []
     if os.path.isfile(src):
         files = [src]
     else:
@@ -75,7 +77,8 @@ def _numbered(files: list[NpzFile], pattern: re.Pattern) -> dict[int, NpzFile]:
             continue
         k = int(match.group(1))
         if k in chosen and (chosen[k].member is None) == (f.member is None):
-            raise ValueError(f"{chosen[k].name} and {f.name}: the same file twice; keep one")
+            raise ValueError(f"{os.path.basename(f.member or f.path)} found twice ({chosen[k].name} and {f.name}); "
+                             "keep one")
         chosen.setdefault(k, f)
     return chosen
 

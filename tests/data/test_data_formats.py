@@ -197,6 +197,21 @@ def test_imagenet64_official_download_zipped_unzipped_and_val(tmp_path):
     assert_official_round_trip(str(tmp_path / "v2"), val_data, val_labels)
 
 
+def test_imagenet64_with_the_same_images_twice_is_an_error(tmp_path):
+    """Two loose copies of one batch, or the official batches beside repacked parts, would duplicate samples."""
+    body = official_npz(np.random.default_rng(7), 2)[0]
+    (tmp_path / "a" / "Imagenet64_train_part1_npz").mkdir(parents=True)
+    (tmp_path / "a" / "train_data_batch_1.npz").write_bytes(body)
+    (tmp_path / "a" / "Imagenet64_train_part1_npz" / "train_data_batch_1.npz").write_bytes(body)
+    with pytest.raises(ValueError, match=r"train_data_batch_1.npz found twice .*keep one"):
+        build("--dataset", "imagenet64", "--src", str(tmp_path / "a"), "--out", str(tmp_path / "o"))
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "train_data_batch_1.npz").write_bytes(body)
+    (tmp_path / "b" / "Imagenet64_train_part1.npz").write_bytes(body)
+    with pytest.raises(ValueError, match=r"both train_data_batch_\*.npz and Imagenet64_train_part\*.npz"):
+        build("--dataset", "imagenet64", "--src", str(tmp_path / "b"), "--out", str(tmp_path / "o"))
+
+
 def test_imagenet64_without_its_files_names_the_expected_ones(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "train_data_batch_1.npz.part").write_bytes(b"")  # an unfinished download
