@@ -12,7 +12,7 @@ TORCH_PIP_ARGS ?=
 EXTRAS ?= dev,deepspeed
 PYTEST_ARGS ?=
 
-# make shards / ref-stats variables (README.md, "make variables", says what each one means)
+# make shards / ref-stats variables (README.md, section Data, says what each one means)
 DATASET ?= synthetic
 SRC ?=
 OUT ?= shards/$(DATASET)
