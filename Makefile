@@ -12,15 +12,17 @@ TORCH_PIP_ARGS ?=
 EXTRAS ?= dev,deepspeed
 PYTEST_ARGS ?=
 
+# make shards / ref-stats variables (README.md, section Data, says what each one means)
 DATASET ?= synthetic
 SRC ?=
 OUT ?= shards/$(DATASET)
 SHARD_SIZE ?= 256
-WORKERS ?= 0
+WORKERS ?=
 SPLIT ?= train
 NUM ?=
 RESOLUTION ?=
 NUM_CLASSES ?=
+OVERWRITE ?=
 
 .PHONY: install demo test shards ref-stats bench clean
 
@@ -44,15 +46,20 @@ test: install
 
 shards: install
 	@if [ "$(DATASET)" != synthetic ] && [ -z "$(SRC)" ]; then \
-	  echo "make shards DATASET=$(DATASET) needs SRC=...: cifar10: cifar-10-python.tar.gz; imagenet64: the folder of" \
-	       "Imagenet64_train_part*.npz files or a raw ImageNet train folder; folder: an image folder" >&2; exit 2; fi
+	  echo "make shards DATASET=$(DATASET) needs SRC=...: cifar10: cifar-10-python.tar.gz; imagenet64: the folder" \
+	       "of the official Imagenet64_train_part1_npz.zip, ..._part2_npz.zip, Imagenet64_val_npz.zip (or the" \
+	       "npz files they hold) or a raw ImageNet train folder; folder: an image folder" >&2; exit 2; fi
+	@if [ "$(DATASET)" = folder ] && [ -z "$(RESOLUTION)" ]; then \
+	  echo "make shards DATASET=folder needs RESOLUTION=<image side in pixels, e.g. 64>" >&2; exit 2; fi
 	$(PY) -m data_prep.make_shards --dataset $(DATASET) $(if $(SRC),--src $(SRC)) --out $(OUT) \
-		--shard-size $(SHARD_SIZE) --split $(SPLIT) $(if $(filter-out 0,$(WORKERS)),--workers $(WORKERS)) \
-		$(if $(NUM),--num $(NUM)) $(if $(RESOLUTION),--resolution $(RESOLUTION)) $(if $(NUM_CLASSES),--num-classes $(NUM_CLASSES))
+		--shard-size $(SHARD_SIZE) --split $(SPLIT) $(if $(WORKERS),--workers $(WORKERS)) \
+		$(if $(NUM),--num $(NUM)) $(if $(RESOLUTION),--resolution $(RESOLUTION)) \
+		$(if $(NUM_CLASSES),--num-classes $(NUM_CLASSES)) $(if $(filter 1 yes true,$(OVERWRITE)),--overwrite)
 
-RES ?= 32
+# RES: the image side; by default the one the shards' manifest records (RESOLUTION works too)
+RES ?= $(RESOLUTION)
 ref-stats: install
-	$(PY) -m data_prep.ref_stats --data $(DATA) --out $(OUT) --resolution $(RES) $(if $(NUM),--num $(NUM))
+	$(PY) -m data_prep.ref_stats --data $(DATA) --out $(OUT) $(if $(RES),--resolution $(RES)) $(if $(NUM),--num $(NUM))
 
 # The training-step benchmark; on a GPU machine e.g. BENCH_ARGS="cifar10 --modes fp32_eager,tuned --batch-per-gpu 256"
 BENCH_ARGS ?= demo --modes fp32_eager,bf16_cl --steps 10 --out bench/results/train_local_demo.json

@@ -2,11 +2,9 @@
 cut a picklable per-shard payload that a worker process turns into (HWC uint8 image, label) pairs."""
 from __future__ import annotations
 
-import glob
 import io
 import os
 import pickle
-import re
 import tarfile
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -14,6 +12,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from data_prep.imagenet64_files import EXPECTED, NpzFile, find_npz
 from data_prep.preprocess import list_labelled_images, load_and_crop
 from ict_scale.data.synthetic import synthetic_images
 
@@ -117,30 +116,17 @@ def cifar10(src: str, split: str) -> SampleSource:
                         lambda idx: ArrayPayload(rows_all[idx], labels_all[idx], 32))
 
 
-def _npz_files(src: str, split: str) -> list[str]:
-    if os.path.isfile(src):
-        return [src]
-    if split == "train":
-        files = glob.glob(os.path.join(src, "Imagenet64_train_part*.npz"))
-        return sorted(files, key=lambda f: int(re.search(r"part(\d+)", os.path.basename(f)).group(1)))
-    if split == "val":
-        return glob.glob(os.path.join(src, "val_data.npz"))
-    raise ValueError(f"imagenet64 --split must be train or val, got {split!r}")
-
-
-def imagenet64_npz(files: list[str], description: str) -> SampleSource:
+def imagenet64_npz(files: list[NpzFile], description: str) -> SampleSource:
     """Official downsampled ImageNet 64x64: npz with 'data' (N x 12288, channel-major) and 1-based 'labels'."""
     parts, labels = [], []
-    for path in files:
-        with np.load(path, allow_pickle=False) as npz:
-            if "data" not in npz or "labels" not in npz:
-                raise ValueError(f"{path}: expected keys 'data' and 'labels', found {sorted(npz.keys())}")
-            data, lab = npz["data"], np.asarray(npz["labels"]).astype(np.int64).reshape(-1)
+    for f in files:
+        data, lab = f.load()
+        lab = lab.astype(np.int64).reshape(-1)
         if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 12288 or len(lab) != len(data):
-            raise ValueError(f"{path}: expected 'data' uint8 (N, 12288) and N 'labels', got {data.dtype} "
+            raise ValueError(f"{f.name}: expected 'data' uint8 (N, 12288) and N 'labels', got {data.dtype} "
                              f"{data.shape} and {lab.shape}")
         if lab.min() < 1 or lab.max() > 1000:
-            raise ValueError(f"{path}: 'labels' must be 1-based in 1..1000, found {lab.min()}..{lab.max()}")
+            raise ValueError(f"{f.name}: 'labels' must be 1-based in 1..1000, found {lab.min()}..{lab.max()}")
         parts.append(data)
         labels.append(lab - 1)  # shards store 0-based labels
     starts = np.cumsum([0] + [len(p) for p in parts])
@@ -168,13 +154,20 @@ def image_folder(src: str, resolution: int, dataset: str = "folder") -> SampleSo
 
 
 def imagenet64(src: str, split: str) -> SampleSource:
-    """Downsampled-ImageNet npz files, or a raw ImageNet folder (class sub-folders of JPEGs) -> 64x64 (ADM)."""
-    files = _npz_files(src, split)
+    """Downsampled-ImageNet npz files (zipped or not), or a raw ImageNet folder (class sub-folders of
+    JPEGs) -> 64x64 (ADM preprocessing)."""
+    files = find_npz(src, split)
     if files:
         return imagenet64_npz(files, f"{os.path.basename(os.path.normpath(src))}:{split}")
-    if os.path.isdir(src):
+    if not os.path.exists(src):
+        raise FileNotFoundError(f"{src}: not found; expected a folder or file holding {EXPECTED[split]}")
+    expected = f"{src}: no Imagenet64 {split} files: expected {EXPECTED[split]}"
+    if not os.path.isdir(src):
+        raise FileNotFoundError(expected)
+    try:
         return image_folder(src, 64, dataset="imagenet64")
-    raise FileNotFoundError(f"{src}: neither Imagenet64 npz files for split {split!r} nor an image folder")
+    except (FileNotFoundError, ValueError) as e:  # neither layout: name both
+        raise FileNotFoundError(f"{expected}; nor is it a raw ImageNet folder ({e})") from None
 
 
 # First global index of each synthetic split. Training on `source: synthetic` streams indices 0, 1, 2, ...

@@ -14,7 +14,9 @@ import argparse
 import json
 import sys
 
+from data_prep.shard_resolution import pick_resolution
 from ict_scale.data import DataConfig, build_loader
+from ict_scale.data.sources import resolve
 from ict_scale.eval import FEATURE_EXTRACTORS, EvalConfig, build_features, save_ref_stats
 from ict_scale.eval.inception import WEIGHTS_SHA256
 from ict_scale.eval.data_stats import dataset_statistics
@@ -28,7 +30,8 @@ def parse_args(argv):
     p.add_argument("--data", required=True,
                    help="data source: shards (manifest, pattern or directory; local or s3://) or synthetic")
     p.add_argument("--out", required=True, help="output .npz (local path or fsspec URL)")
-    p.add_argument("--resolution", type=int, default=32, help="image side R (must match the shards)")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="image side R (default: the shards' manifest; synthetic: 32); must match the manifest")
     # Under torchrun write --num-samples: torchrun's parser takes '--num' for a prefix of its --numa-binding.
     p.add_argument("--num", "--num-samples", dest="num", type=int,
                    help="images to use: the first NUM of the unshuffled order (default: all; required for synthetic)")
@@ -56,7 +59,9 @@ def parse_args(argv):
 def data_config(args, storage_options: dict) -> DataConfig:
     """The training loader's config in evaluation order: no shuffle, no flip, no labels needed."""
     synthetic = args.data == "synthetic"
-    return DataConfig(source=args.data, resolution=args.resolution, num_classes=args.num_classes if synthetic else 0,
+    resolution = (args.resolution or 32) if synthetic else \
+        pick_resolution(resolve(args.data, storage_options), args.resolution, args.data)
+    return DataConfig(source=args.data, resolution=resolution, num_classes=args.num_classes if synthetic else 0,
                       drop_labels=True, hflip=False, shuffle=False, num_workers=args.workers,
                       storage_options=storage_options, synthetic_seed=args.synthetic_seed)
 
@@ -72,14 +77,15 @@ def main(argv=None) -> int:
     storage_options = json.loads(args.storage_options)
     device = init_distributed()
     try:
-        loader = build_loader(data_config(args, storage_options), batch_per_rank=args.batch_per_rank,
+        data_cfg = data_config(args, storage_options)
+        loader = build_loader(data_cfg, batch_per_rank=args.batch_per_rank,
                               rank=comm.get_rank(), world_size=comm.get_world_size(), seed=0)
         num = args.num if args.num is not None else loader.epoch_size
         if num < 2 or (loader.epoch_size and num > loader.epoch_size):
             raise SystemExit(f"error: --num {num}: expected 2..{loader.epoch_size or 'any'} images of {args.data} "
                              f"(synthetic data needs --num)")
         features = build_features(feature_config(args), device, storage_options, args.random_inception)
-        source = {"data": args.data, "num": num, "resolution": args.resolution, "fingerprint": loader.fingerprint,
+        source = {"data": args.data, "num": num, "resolution": data_cfg.resolution, "fingerprint": loader.fingerprint,
                   "order": "unshuffled, no flip"}
         try:
             mu, sigma, meta, feats = dataset_statistics(loader, features, num, source, args.keep_features)

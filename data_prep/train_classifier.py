@@ -22,6 +22,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from data_prep.shard_resolution import pick_resolution
 from ict_scale.data import DataConfig, build_loader
 from ict_scale.data.sources import resolve
 from ict_scale.eval.classifier import ClassifierSpec, SmallClassifier, save_classifier
@@ -34,7 +35,8 @@ def parse_args(argv):
     p.add_argument("--data", required=True, help="labelled training shards (manifest, pattern or directory)")
     p.add_argument("--val", required=True, help="labelled held-out shards, disjoint from --data")
     p.add_argument("--out", required=True, help="output .safetensors (local path or fsspec URL)")
-    p.add_argument("--resolution", type=int, default=32, help="image side R (must match the shards)")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="image side R (default: the shards' manifest); must match the manifest")
     p.add_argument("--widths", type=int, nargs="+", default=list(ClassifierSpec.widths), help="3x3 conv stage widths")
     p.add_argument("--strides", type=int, nargs="+", default=list(ClassifierSpec.strides), help="their strides")
     p.add_argument("--steps", type=int, default=2500, help="optimiser steps")
@@ -48,22 +50,24 @@ def parse_args(argv):
     p.add_argument("--storage-options", default="{}", help="fsspec options as JSON (data and output)")
     args = p.parse_args(argv)
     for name in ("steps", "batch", "resolution"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     return args
 
 
-def labelled_loader(source: str, *, resolution: int, batch: int, workers: int, seed: int, options: dict,
+def labelled_loader(source: str, *, resolution: int | None, batch: int, workers: int, seed: int, options: dict,
                     train: bool):
-    """(loader, num_classes, epoch size) of labelled shards: shuffled with flips for training, else in order."""
-    num_classes = resolve(source, options, False).num_classes
+    """(loader, num_classes, epoch size, resolution) of labelled shards: shuffled with flips for training, else
+    in order; the resolution is the manifest's (an explicit one must agree)."""
+    shards = resolve(source, options, False)
+    num_classes, resolution = shards.num_classes, pick_resolution(shards, resolution, source)
     if not num_classes:
         raise SystemExit(f"error: {source}: the manifest records no classes; the classifier needs labelled shards "
                          f"(make_shards --num-classes > 0)")
     cfg = DataConfig(source=source, resolution=resolution, num_classes=num_classes, hflip=train, shuffle=train,
                      num_workers=workers, storage_options=options)
     loader = build_loader(cfg, batch_per_rank=batch, rank=0, world_size=1, seed=seed)
-    return loader, num_classes, loader.epoch_size
+    return loader, num_classes, loader.epoch_size, resolution
 
 
 def cosine_lr(step: int, steps: int, peak: float, warmup: int) -> float:
@@ -115,11 +119,14 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(args.seed)
     common = dict(resolution=args.resolution, batch=args.batch, workers=args.workers, seed=args.seed, options=options)
-    train_loader, num_classes, train_size = labelled_loader(args.data, **common, train=True)
-    val_loader, val_classes, val_size = labelled_loader(args.val, **common, train=False)
+    train_loader, num_classes, train_size, resolution = labelled_loader(args.data, **common, train=True)
+    val_loader, val_classes, val_size, val_resolution = labelled_loader(args.val, **common, train=False)
     if val_classes != num_classes:
         raise SystemExit(f"error: {args.val} has {val_classes} classes, {args.data} has {num_classes}")
-    spec = ClassifierSpec(num_classes, args.resolution, tuple(args.widths), tuple(args.strides))
+    if val_resolution != resolution:
+        raise SystemExit(f"error: {args.val} holds {val_resolution}x{val_resolution} images, {args.data} "
+                         f"{resolution}x{resolution}")
+    spec = ClassifierSpec(num_classes, resolution, tuple(args.widths), tuple(args.strides))
     model = SmallClassifier(spec).to(device, memory_format=torch.channels_last)
     started = time.perf_counter()
     try:

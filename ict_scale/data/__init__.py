@@ -38,12 +38,14 @@ def _producer(cfg: DataConfig, seed: int):
     _check_compatible(cfg, shards, cfg.source)
     if cfg.check_shards:
         sources.check_present(shards, options)
+    # A data set smaller than the minimum is judged after one epoch's worth of samples per worker.
+    min_samples = min(cfg.min_samples_for_skip_rate, sum(shards.sizes))
     producer = ShardProducer(
         shards, order_seed=seed, shuffle=cfg.shuffle, resolution=cfg.resolution,
         num_classes=cfg.num_classes, use_labels=use_labels, storage_options=options,
         allow_pipe=cfg.allow_pipe, prefetch_shards=cfg.prefetch_shards, io_retries=cfg.io_retries,
         io_backoff_s=cfg.io_backoff_s, max_skip_rate=cfg.max_skip_rate,
-        min_samples_for_skip_rate=cfg.min_samples_for_skip_rate)
+        min_samples_for_skip_rate=min_samples)
     return producer, sum(shards.sizes), shards.fingerprint
 
 

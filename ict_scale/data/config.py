@@ -12,7 +12,7 @@ class DataConfig:
     resolution: int = 32               # image side R; every decoded image must be R x R (others are skipped)
     num_classes: int = 10              # class count; 0 = unconditional (labels are all zeros)
     drop_labels: bool = False          # deliver zero labels even when the shards carry classes
-    hflip: bool = True                 # random horizontal flip, seeded from (seed, global sample position)
+    hflip: bool = True                 # random horizontal flip, seeded per sample position; turn off for digits or text
     num_workers: int = 2               # DataLoader worker processes per rank (0 = decode in the main process)
     shuffle: bool = True               # per-epoch shard permutation + within-shard shuffle (our shuffle buffer)
     prefetch_shards: int = 4           # shards each worker downloads ahead of use (background threads)
@@ -20,7 +20,7 @@ class DataConfig:
     storage_options: Dict[str, Any] = field(default_factory=dict)  # fsspec options, e.g. {client_kwargs: {endpoint_url: ...}}; secrets from AWS_* env
     allow_pipe: bool = False           # accept "pipe:" shard URLs (they run a shell command; off for safety)
     max_skip_rate: float = 0.01        # raise once skipped / read samples exceeds this (per worker)
-    min_samples_for_skip_rate: int = 1000  # samples a worker reads before the skip rate is enforced
+    min_samples_for_skip_rate: int = 1000  # reads per worker before max_skip_rate applies (at most one epoch); a shorter run is never stopped
     io_retries: int = 5                # attempts per shard read on transient storage errors (backoff doubles)
     io_backoff_s: float = 0.5          # first retry delay in seconds
     check_shards: bool = True          # list storage at start: a missing or resized shard fails fast

@@ -1,8 +1,9 @@
 """The resumable per-rank loader: a position in the global order, DataLoader workers, flips, counters.
 
-The loader's state is one integer, the number of samples of the global order consumed by all ranks
-together (global batches x global batch size). Every rank holds the same value, so rank 0's state is
-sufficient and may be loaded on any number of ranks with any number of workers.
+The loader's state is the number of samples of the global order consumed by all ranks together (global
+batches x global batch size), plus the skip counters of the whole run. Every rank holds the same values
+(the trainer sums the counters over ranks), so rank 0's state is sufficient and may be loaded on any
+number of ranks with any number of workers.
 """
 from __future__ import annotations
 
@@ -126,6 +127,7 @@ class StreamingLoader:
         self._iterator = None
         self._worker_skips: dict[int, dict] = {}
         self._past_skips: Counter = Counter()  # counters of iterators already shut down
+        self._resumed_skips: Counter = Counter()  # the whole run's counters in the state last loaded
 
     @property
     def global_batch(self) -> int:
@@ -157,10 +159,14 @@ class StreamingLoader:
         self.position += self.global_batch
         return images, labels
 
-    def state_dict(self) -> dict:
-        """Identical on every rank: rank 0's copy is enough to resume any world size."""
+    def state_dict(self, skips: dict[str, int] | None = None) -> dict:
+        """Identical on every rank: rank 0's copy is enough to resume any world size.
+
+        `skips`: the run's skip counters, summed over ranks (skip_counts(sum_over_ranks)); by default this
+        loader's own, which are the run's in a single process."""
         return {"version": STATE_VERSION, "position": self.position, "seed": self.seed,
-                "epoch_size": self.epoch_size, "fingerprint": self.fingerprint}
+                "epoch_size": self.epoch_size, "fingerprint": self.fingerprint,
+                "skips": dict(self.skip_counts() if skips is None else skips)}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue right after the last batch consumed when `state` was taken (any world size)."""
@@ -172,11 +178,19 @@ class StreamingLoader:
                                  "so the sample order cannot continue")
         self._shutdown()
         self.position = int(state["position"])
+        # The counters continue from the run's totals (states written before they were saved hold none).
+        self._resumed_skips, self._past_skips = Counter(state.get("skips", {})), Counter()
 
-    def skip_counts(self) -> dict[str, int]:
-        total = Counter(self._past_skips)
+    def skip_counts(self, sum_over_ranks=None) -> dict[str, int]:
+        """Skipped samples by reason since the run began: the totals of the state last loaded plus this rank's
+        since then, or every rank's with `sum_over_ranks` (dict -> dict summed over ranks, a collective the
+        trainer supplies: then every rank must call this)."""
+        mine = Counter(self._past_skips)
         for skips in self._worker_skips.values():
-            total.update(skips)
+            mine.update(skips)
+        mine = {k: int(v) for k, v in mine.items()}
+        total = Counter(self._resumed_skips)
+        total.update(mine if sum_over_ranks is None else sum_over_ranks(mine))
         return {k: int(v) for k, v in total.items()}
 
     def _shutdown(self) -> None:

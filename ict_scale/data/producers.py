@@ -16,7 +16,7 @@ import torch
 from ict_scale.data import storage
 from ict_scale.data.order import GlobalOrder
 from ict_scale.data.samples import SKIP_REASONS, ParsedShard, SkipSample, decode_image, parse_tar, read_label
-from ict_scale.data.sources import ShardSet
+from ict_scale.data.sources import ShardSet, verify_sha256
 from ict_scale.data.synthetic import synthetic_images
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -104,6 +104,8 @@ class ShardProducer:
         url = self.shards.urls[shard]
         data = storage.read_bytes(url, self.storage_options, allow_pipe=self.allow_pipe,
                                   retries=self.io_retries, backoff_s=self.io_backoff_s)
+        if self.shards.sha256s is not None:  # about 1% of the time PNG decoding takes (BENCHMARKS.md)
+            verify_sha256(url, data, self.shards.sha256s[shard])
         return parse_tar(data)
 
     def _decode(self, parsed: ParsedShard, member: int) -> tuple[np.ndarray, int]:

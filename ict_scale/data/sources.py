@@ -22,6 +22,7 @@ class ShardSet:
     urls: list[str]
     sizes: list[int]
     byte_sizes: list[int] | None = None   # from the manifest, to detect changed shards
+    sha256s: list[str] | None = None      # from the manifest: each shard is checked as it is read
     image_shape: list[int] | None = None
     num_classes: int | None = None
 
@@ -47,6 +48,7 @@ def from_manifest(url: str, storage_options: Mapping | None) -> ShardSet:
     return ShardSet(urls=[storage.join(base, s.name) for s in manifest.shards],
                     sizes=[s.num_samples for s in manifest.shards],
                     byte_sizes=[s.bytes for s in manifest.shards],
+                    sha256s=[s.sha256 for s in manifest.shards],
                     image_shape=manifest.image_shape, num_classes=manifest.num_classes)
 
 
@@ -65,7 +67,7 @@ def count_by_scanning(urls: list[str], storage_options: Mapping | None, allow_pi
 def from_urls(urls: list[str], storage_options: Mapping | None, allow_pipe: bool) -> ShardSet:
     """Shards named explicitly: counts from a manifest in their directory if there is one."""
     base = dirname(urls[0])
-    if not urls[0].startswith("pipe:") and all(dirname(u) == base for u in urls):
+    if not storage.is_pipe(urls[0]) and all(dirname(u) == base for u in urls):
         fs, path = storage.filesystem(storage.join(base, MANIFEST_NAME), storage_options)
         if fs.exists(path):
             full = from_manifest(storage.join(base, MANIFEST_NAME), storage_options)
@@ -75,7 +77,8 @@ def from_urls(urls: list[str], storage_options: Mapping | None, allow_pipe: bool
                 raise ValueError(f"{base}/{MANIFEST_NAME} does not list {missing[:3]} (of {len(missing)} shards)")
             pick = [index[u] for u in urls]
             return ShardSet([full.urls[i] for i in pick], [full.sizes[i] for i in pick],
-                            [full.byte_sizes[i] for i in pick], full.image_shape, full.num_classes)
+                            [full.byte_sizes[i] for i in pick], [full.sha256s[i] for i in pick],
+                            full.image_shape, full.num_classes)
     return ShardSet(urls, count_by_scanning(urls, storage_options, allow_pipe))
 
 
@@ -96,11 +99,20 @@ def resolve(source: str, storage_options: Mapping | None = None, allow_pipe: boo
     return from_urls([storage.join(source, n) for n in names], storage_options, allow_pipe)
 
 
+def verify_sha256(url: str, data: bytes, expected: str) -> None:
+    """Refuse shard bytes whose sha256 is not the manifest's: a shard swapped for another of the same size
+    would otherwise pass the size check and silently change which samples an epoch holds."""
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != expected:
+        raise storage.StorageError(f"{url}: sha256 {actual}, manifest says {expected} (shard changed since the "
+                                   "manifest was written, or the manifest is wrong)")
+
+
 def check_present(shards: ShardSet, storage_options: Mapping | None) -> None:
     """Fail fast if a shard is missing or its size differs from the manifest (one listing per directory)."""
     by_dir: dict[str, list[int]] = defaultdict(list)
     for i, url in enumerate(shards.urls):
-        if storage.protocol_of(url) in ("http", "https") or url.startswith("pipe:"):
+        if storage.protocol_of(url) in ("http", "https") or storage.is_pipe(url):
             continue  # no listing for these: a missing shard fails when first read
         by_dir[dirname(url)].append(i)
     for directory, indices in by_dir.items():

@@ -13,6 +13,7 @@ import json
 import os
 import time
 from typing import Any, Mapping
+from urllib.parse import urlparse
 
 import fsspec
 from ict_scale.checkpoint.storage import write_whole
@@ -83,10 +84,22 @@ for _scheme in REMOTE_SCHEMES:
     wds_gopen.gopen_schemes[_scheme] = open_with_fsspec
 
 
+def is_pipe(url: str) -> bool:
+    """Whether webdataset would run `url` as a shell command. It picks the handler by urlparse's scheme,
+    which ignores case, leading blanks and tabs or newlines anywhere, so 'PIPE:cmd' is a pipe too."""
+    try:
+        scheme = urlparse(url).scheme
+    except ValueError:  # a malformed host part; judge by the prefix alone
+        scheme = ""
+    return scheme == "pipe" or url.lstrip().lower().startswith("pipe:")
+
+
 def check_url_allowed(url: str, allow_pipe: bool) -> None:
-    """Refuse URLs that would run a shell command (also after webdataset's GOPEN_REWRITE rules)."""
+    """Refuse URLs that would run a shell command (also after webdataset's GOPEN_REWRITE rules).
+
+    A plain `if`, not an assert: under `python -O` webdataset's own assert in its pipe handler is gone."""
     for candidate in (url, wds_gopen.rewrite_url(url)):
-        if candidate.startswith("pipe:") and not allow_pipe:
+        if is_pipe(candidate) and not allow_pipe:
             raise StorageError(f"{url}: refused a 'pipe:' URL (it runs a shell command); "
                                "set data.allow_pipe=true only for trusted shard lists")
 

@@ -32,19 +32,25 @@ def sample_images(model, z, renoise, labels, sigma_max: float, sigma_mid: float,
     return torch.cat(out)
 
 
-def grid_png(images: torch.Tensor, upscale: int = 1) -> bytes:
-    """A near-square PNG grid of uint8 NCHW images."""
+GUTTER_PX = 2       # between cells, after upscaling: thin strokes of neighbouring samples never touch
+GUTTER_VALUE = 255  # white lines: visible between dark and mid-grey samples alike
+
+
+def grid_png(images: torch.Tensor, upscale: int = 1, gutter: int = GUTTER_PX) -> bytes:
+    """A near-square PNG grid of uint8 NCHW images, each cell upscaled (nearest) and `gutter` px apart."""
     from PIL import Image
     n, c, h, w = images.shape
     cols = math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
-    canvas = torch.zeros((rows * h, cols * w, c), dtype=torch.uint8)
+    cells = images.repeat_interleave(upscale, dim=2).repeat_interleave(upscale, dim=3).permute(0, 2, 3, 1)
+    h, w = h * upscale, w * upscale
+    canvas = torch.full((rows * h + (rows - 1) * gutter, cols * w + (cols - 1) * gutter, c), GUTTER_VALUE,
+                        dtype=torch.uint8)
     for i in range(n):
         r, k = divmod(i, cols)
-        canvas[r * h:(r + 1) * h, k * w:(k + 1) * w] = images[i].permute(1, 2, 0)
-    img = Image.fromarray(canvas.numpy())
-    if upscale > 1:
-        img = img.resize((cols * w * upscale, rows * h * upscale), Image.NEAREST)
+        top, left = r * (h + gutter), k * (w + gutter)
+        canvas[top:top + h, left:left + w] = cells[i]
+    img = Image.fromarray(canvas.squeeze(-1).numpy() if c == 1 else canvas.numpy())
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()

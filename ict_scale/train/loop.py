@@ -10,7 +10,7 @@ from ict_scale.parallel import comm
 
 from .console import RunConsole
 from .grids import fixed_noise, grid_png, sample_images
-from .run import DivergenceError, Run, evaluate, finish_pending_save, log_record, save_checkpoint, setup
+from .run import DivergenceError, Run, data_skips, evaluate, finish_pending_save, log_record, save_checkpoint, setup
 from .signals import PreemptionFlag
 from .tensorboard import TensorBoard
 from .step import teacher_decay_for, train_step
@@ -108,7 +108,7 @@ def train(cfg) -> Run:
                           "lr": run.backend.optimizer.param_groups[0]["lr"],
                           "img_per_s": window_steps * t.batch_size / max(now - window_t, 1e-9),
                           "seconds": now - started, "nonfinite_total": run.nonfinite_total,
-                          "data_skips": run.loader.skip_counts()}
+                          "data_skips": data_skips(run)}
                 log_record(run, record)
                 tb.scalars(record)
                 window_loss, window_t, window_steps = 0.0, now, 0

@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 from ict_scale.checkpoint import CheckpointManager, Storage, torch_bytes
 from ict_scale.config import Config, ConfigError, check_teacher, to_yaml
 from ict_scale.data import build_loader
+from ict_scale.data.samples import SKIP_REASONS
 from ict_scale.parallel import comm
 from ict_scale.parallel.backend import build_backend
 
@@ -120,6 +121,7 @@ def save_checkpoint(run: Run) -> str:
     """All ranks write their shards; rank 0 writes the trainer state; the COMMIT marker comes once every rank's
     bytes are durable (at once, or with parallel.async_save before the next save and at the end of the run)."""
     finish_pending_save(run)
+    loader_state = run.loader.state_dict(skips=data_skips(run))  # a collective: before rank 0 goes its own way
     step = run.step
     url = run.ckpts.begin(step) if run.backend.rank == 0 else run.ckpts.url(step)
     comm.barrier()
@@ -129,13 +131,21 @@ def save_checkpoint(run: Run) -> str:
         state = {"step": step, "images_seen": run.images_seen, "nonfinite_total": run.nonfinite_total,
                  "nonfinite_run": run.nonfinite_run,
                  "seed": run.cfg.train.seed, "world_size": run.backend.world_size,
-                 "loader": run.loader.state_dict()}
+                 "loader": loader_state}
         run.storage.write_bytes(f"{run.ckpts.name(step)}/trainer_state.pt", torch_bytes(state))
         run.storage.write_text(f"{run.ckpts.name(step)}/config.yaml", to_yaml(run.cfg))
     run.pending_save = (step, pending, run.images_seen)
     if not run.cfg.parallel.async_save:
         finish_pending_save(run)
     return url
+
+
+def data_skips(run: Run) -> dict[str, int]:
+    """Samples skipped since the run began, by reason, summed over ranks (every rank must call this)."""
+    def summed(counts: dict[str, int]) -> dict[str, int]:
+        local = torch.tensor([counts.get(r, 0) for r in SKIP_REASONS], dtype=torch.int64, device=run.backend.device)
+        return dict(zip(SKIP_REASONS, comm.all_reduce_sum(local).tolist()))
+    return run.loader.skip_counts(summed)
 
 
 # Key prefix of the EMA teacher's tensors in the checkpoint's flat EMA dict; parameter names never start with it.

@@ -2,18 +2,23 @@
 import io
 import os
 import struct
+import subprocess
+import sys
 import tarfile
 import zlib
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from data_helpers import good_sample, identity, loader, png, shard_tar, take, write_shard_set
 from ict_scale.data import DataError, StorageError
+from ict_scale.data.manifest import Manifest
 from ict_scale.data.samples import decode_image, parse_tar
 
 GOOD = 10
+REPO = Path(__file__).resolve().parents[2]
 
 
 def png_claiming(width: int, height: int) -> bytes:
@@ -90,6 +95,38 @@ def test_counters_add_up_over_workers_and_restarts(tmp_path, num_workers):
     assert stream.skip_counts()["bad_label"] == 5
 
 
+def test_counters_continue_in_a_new_loader_from_a_state_summed_over_ranks(tmp_path):
+    """A resumed run's loaders start from the counters in the state: the whole run's, as the trainer
+    sums them over ranks (here two ranks that met the same samples) and saves them."""
+    rng = np.random.default_rng(2)
+    samples = [good_sample(rng, f"{i:03d}") for i in range(GOOD)] + [bad_sample("bad_label", rng)]
+    root = write_shard_set(str(tmp_path), [shard_tar(samples)], [GOOD + 1])
+    first = loader(root, batch_per_rank=GOOD + 1, max_skip_rate=0.5)
+    take(first, 3)
+    two_ranks = lambda counts: {k: 2 * v for k, v in counts.items()}  # noqa: E731
+    state = first.state_dict(skips=first.skip_counts(two_ranks))
+    assert state["skips"]["bad_label"] == 6
+    first.close()
+    resumed = loader(root, batch_per_rank=GOOD + 1, max_skip_rate=0.5)
+    resumed.load_state_dict(state)
+    take(resumed, 1)
+    assert resumed.skip_counts()["bad_label"] == 7  # this rank's one more
+    assert resumed.skip_counts(two_ranks)["bad_label"] == 8  # the saved totals are not counted twice
+    assert resumed.state_dict()["skips"]["bad_label"] == 7
+
+
+def test_skip_rate_applies_after_one_epoch_of_a_small_data_set(tmp_path):
+    """5 bad samples in 100: the default limit (1%) must stop a run that reads 100 samples per worker,
+    although that is fewer than data.min_samples_for_skip_rate (1,000)."""
+    rng = np.random.default_rng(10)
+    samples = [good_sample(rng, f"{i:03d}") for i in range(95)]
+    samples += [{**bad_sample("undecodable", rng), "__key__": f"bad{i}"} for i in range(5)]
+    root = write_shard_set(str(tmp_path), [shard_tar(samples[:50]), shard_tar(samples[50:])], [50, 50])
+    stream = loader(root, batch_per_rank=20)
+    with pytest.raises(DataError, match=r"skipped 5 of 100 samples .*max_skip_rate=1.00%"):
+        take(stream, 6)
+
+
 def test_skip_rate_above_limit_raises_a_clear_error(tmp_path):
     rng = np.random.default_rng(3)
     samples = [good_sample(rng, f"{i:03d}") for i in range(GOOD)] + [bad_sample("undecodable", rng)] * 3
@@ -131,6 +168,42 @@ def test_shard_changed_since_manifest_fails_fast(tmp_path):
         loader(root, batch_per_rank=1)
 
 
+def same_size_shards(tmp_path) -> str:
+    """Two shards of equal byte size (every 8x8 PNG fits one 512-byte tar block)."""
+    rng = np.random.default_rng(9)
+    tars = [shard_tar([good_sample(rng, f"{s}{i}") for i in range(4)]) for s in range(2)]
+    assert len(tars[0]) == len(tars[1])
+    return write_shard_set(str(tmp_path), tars, [4, 4])
+
+
+def test_shard_swapped_for_another_of_the_same_size_is_refused_when_read(tmp_path):
+    root = same_size_shards(tmp_path)
+    manifest = Manifest.from_json(open(os.path.join(root, "manifest.json")).read(), "manifest.json")
+    first, second = (os.path.join(root, s.name) for s in manifest.shards)
+    os.rename(first, first + ".x")
+    os.rename(second, first)
+    os.rename(first + ".x", second)
+    stream = loader(root, batch_per_rank=8)  # the sizes still match the manifest
+    expected = {s.name: s.sha256 for s in manifest.shards}
+    with pytest.raises(StorageError, match=rf"train-00000[01].tar: sha256 ({expected['train-000001.tar']}|"
+                                           rf"{expected['train-000000.tar']}), manifest says "):
+        next(stream)
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_wrong_sha256_in_the_manifest_names_the_shard_and_both_digests(tmp_path, num_workers):
+    root = same_size_shards(tmp_path)
+    path = os.path.join(root, "manifest.json")
+    manifest = Manifest.from_json(open(path).read(), path)
+    actual = manifest.shards[1].sha256
+    manifest.shards[1].sha256 = "0" * 64
+    with open(path, "w") as f:
+        f.write(manifest.to_json())
+    stream = loader(root, batch_per_rank=8, num_workers=num_workers)
+    with pytest.raises(StorageError, match=rf"train-000001.tar: sha256 {actual}, manifest says {'0' * 64} "):
+        next(stream)
+
+
 def test_pipe_urls_are_refused_unless_allowed(tmp_path):
     rng = np.random.default_rng(7)
     root = write_shard_set(str(tmp_path / "s"), [shard_tar([good_sample(rng, f"{i}") for i in range(4)])], [4])
@@ -142,6 +215,36 @@ def test_pipe_urls_are_refused_unless_allowed(tmp_path):
     # allow_pipe opts in (no manifest beside a pipe: the samples are counted by reading the shard)
     images, _ = next(loader(f"pipe:cat {root}/train-000000.tar", batch_per_rank=4, allow_pipe=True))
     assert images.shape == (4, 3, 8, 8)
+
+
+PIPE_SPELLINGS = ["PIPE:", "Pipe:", " pipe:", "pi\tpe:"]  # webdataset opens each of these as a shell pipe
+
+REFUSE_UNDER_O = """
+import sys
+from ict_scale.data import DataConfig, StorageError, build_loader
+for source in sys.argv[1:]:
+    try:
+        next(build_loader(DataConfig(source=source, resolution=8, num_workers=0, pin_memory=False),
+                          batch_per_rank=4, rank=0, world_size=1, seed=0))
+        print("opened", repr(source))
+    except StorageError as e:
+        print("refused" if "refused a 'pipe:' URL" in str(e) else f"other error {e}")
+"""
+
+
+def test_pipe_urls_in_any_spelling_are_refused_also_under_python_O(tmp_path):
+    """Upper case and blanks pass a plain startswith('pipe:') but still reach webdataset's pipe handler,
+    whose only guard is an assert: gone under `python -O`."""
+    rng = np.random.default_rng(7)
+    root = write_shard_set(str(tmp_path / "s"), [shard_tar([good_sample(rng, f"{i}") for i in range(4)])], [4])
+    sources = [f"{p}touch {tmp_path}/ran{i}; cat {root}/train-000000.tar" for i, p in enumerate(PIPE_SPELLINGS)]
+    for source in sources:
+        with pytest.raises(StorageError, match="refused a 'pipe:' URL"):
+            loader(source, batch_per_rank=4)
+    out = subprocess.run([sys.executable, "-O", "-c", REFUSE_UNDER_O, *sources], capture_output=True, text=True,
+                         timeout=120, cwd=REPO)
+    assert out.stdout.split("\n")[:-1] == ["refused"] * len(sources), out.stdout + out.stderr[-2000:]
+    assert not any(p.name.startswith("ran") for p in tmp_path.iterdir())
 
 
 def test_config_that_does_not_match_the_shards_is_an_error(tmp_path):

@@ -4,8 +4,12 @@ import io
 import json
 import os
 import pickle
+import subprocess
+import sys
 import tarfile
+import zipfile
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +22,8 @@ from data_prep.preprocess import center_crop_arr
 from ict_scale.data.manifest import Manifest
 from ict_scale.data.samples import decode_image, parse_tar, read_label
 from ict_scale.data.synthetic import synthetic_images
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def shard_samples(out: str, resolution: int, num_classes: int) -> Counter:
@@ -118,6 +124,105 @@ def test_imagenet64_npz_with_zero_based_labels_is_an_error(tmp_path):
     write_npz(str(tmp_path / "val_data.npz"), 3, np.random.default_rng(2), first_label=0)
     with pytest.raises(ValueError, match=r"val_data.npz: 'labels' must be 1-based"):
         build("--dataset", "imagenet64", "--src", str(tmp_path), "--split", "val", "--out", str(tmp_path / "o"))
+
+
+def official_npz(rng, n: int, val: bool = False) -> tuple[bytes, np.ndarray, np.ndarray]:
+    """An npz as the official download has it: 'data' uint8 (n, 12288) channel-planar, 'labels' a list of
+    1-based ints, 'mean' (train files only)."""
+    data = rng.integers(0, 256, (n, 12288), dtype=np.uint8)
+    labels = [int(v) for v in rng.integers(1, 1001, n)]
+    labels[0] = 1000
+    buf = io.BytesIO()
+    np.savez(buf, data=data, labels=labels, **({} if val else {"mean": data.mean(0)}))
+    return buf.getvalue(), data, np.asarray(labels)
+
+
+def zip_of(path, members: dict[str, bytes]) -> None:
+    with zipfile.ZipFile(path, "w") as z:
+        for name, body in members.items():
+            z.writestr(name, body)
+
+
+def pixels_and_labels(out: str) -> dict[bytes, tuple[np.ndarray, int]]:
+    """{pixel bytes of the stored HWC image: (image, label)} over every shard in `out`."""
+    found = {}
+    for name in sorted(os.listdir(out)):
+        if name.endswith(".tar"):
+            with open(os.path.join(out, name), "rb") as f:
+                for s in parse_tar(f.read()).samples:
+                    image = decode_image(s, 64)
+                    found[image.tobytes()] = (image, read_label(s, 1000))
+    return found
+
+
+def assert_official_round_trip(out: str, data: np.ndarray, labels: np.ndarray) -> None:
+    """Every row is one stored image with pixel (y, x) of channel c at data[c * 4096 + y * 64 + x] and
+    label official - 1."""
+    found = pixels_and_labels(out)
+    assert len(found) == len(data)
+    y, x = np.meshgrid(np.arange(64), np.arange(64), indexing="ij")
+    for row, label in zip(data, labels):
+        image = np.stack([row[c * 4096 + y * 64 + x] for c in range(3)], axis=-1)
+        assert found[image.tobytes()][1] == label - 1
+    assert max(found.values(), key=lambda v: v[1])[1] == 999
+
+
+def test_imagenet64_official_download_zipped_unzipped_and_val(tmp_path):
+    rng = np.random.default_rng(6)
+    src = tmp_path / "downloads"
+    (src / "Imagenet64_train_part2_npz").mkdir(parents=True)
+    batches = {k: official_npz(rng, 3) for k in (1, 2, 6, 10)}
+    # part 1 as the zip (members inside its folder); part 2 unzipped into its folder
+    zip_of(src / "Imagenet64_train_part1_npz.zip",
+           {f"Imagenet64_train_part1_npz/train_data_batch_{k}.npz": batches[k][0] for k in (1, 2)})
+    for k in (6, 10):
+        (src / "Imagenet64_train_part2_npz" / f"train_data_batch_{k}.npz").write_bytes(batches[k][0])
+    # the part 2 zip kept beside its unzipped folder: the loose files win, nothing is read twice
+    zip_of(src / "Imagenet64_train_part2_npz.zip", {f"train_data_batch_{k}.npz": batches[k][0] for k in (6, 10)})
+    val_bytes, val_data, val_labels = official_npz(rng, 4, val=True)
+    zip_of(src / "Imagenet64_val_npz.zip", {"val_data.npz": val_bytes})
+    build("--dataset", "imagenet64", "--src", str(src), "--out", str(tmp_path / "train"))
+    assert_official_round_trip(str(tmp_path / "train"), np.concatenate([batches[k][1] for k in (1, 2, 6, 10)]),
+                               np.concatenate([batches[k][2] for k in (1, 2, 6, 10)]))
+    build("--dataset", "imagenet64", "--src", str(src), "--split", "val", "--out", str(tmp_path / "val"))
+    assert_official_round_trip(str(tmp_path / "val"), val_data, val_labels)
+    # a zip named directly, and the unzipped val file inside its folder
+    build("--dataset", "imagenet64", "--src", str(src / "Imagenet64_train_part1_npz.zip"), "--out",
+          str(tmp_path / "part1"))
+    assert_official_round_trip(str(tmp_path / "part1"), np.concatenate([batches[k][1] for k in (1, 2)]),
+                               np.concatenate([batches[k][2] for k in (1, 2)]))
+    (tmp_path / "v" / "Imagenet64_val_npz").mkdir(parents=True)
+    (tmp_path / "v" / "Imagenet64_val_npz" / "val_data.npz").write_bytes(val_bytes)
+    build("--dataset", "imagenet64", "--src", str(tmp_path / "v"), "--split", "val", "--out", str(tmp_path / "v2"))
+    assert_official_round_trip(str(tmp_path / "v2"), val_data, val_labels)
+
+
+def test_imagenet64_with_the_same_images_twice_is_an_error(tmp_path):
+    """Two loose copies of one batch, or the official batches beside repacked parts, would duplicate samples."""
+    body = official_npz(np.random.default_rng(7), 2)[0]
+    (tmp_path / "a" / "Imagenet64_train_part1_npz").mkdir(parents=True)
+    (tmp_path / "a" / "train_data_batch_1.npz").write_bytes(body)
+    (tmp_path / "a" / "Imagenet64_train_part1_npz" / "train_data_batch_1.npz").write_bytes(body)
+    with pytest.raises(ValueError, match=r"train_data_batch_1.npz found twice .*keep one"):
+        build("--dataset", "imagenet64", "--src", str(tmp_path / "a"), "--out", str(tmp_path / "o"))
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "train_data_batch_1.npz").write_bytes(body)
+    (tmp_path / "b" / "Imagenet64_train_part1.npz").write_bytes(body)
+    with pytest.raises(ValueError, match=r"both train_data_batch_\*.npz and Imagenet64_train_part\*.npz"):
+        build("--dataset", "imagenet64", "--src", str(tmp_path / "b"), "--out", str(tmp_path / "o"))
+
+
+def test_imagenet64_without_its_files_names_the_expected_ones(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "train_data_batch_1.npz.part").write_bytes(b"")  # an unfinished download
+    for split, names in (("train", ["train_data_batch_1.npz", "Imagenet64_train_part1_npz.zip"]),
+                         ("val", ["val_data.npz", "Imagenet64_val_npz.zip"])):
+        out = subprocess.run([sys.executable, "-m", "data_prep.make_shards", "--dataset", "imagenet64", "--src",
+                              str(tmp_path / "empty"), "--split", split, "--out", str(tmp_path / "o"), "--quiet"],
+                             capture_output=True, text=True, cwd=REPO, timeout=120)
+        assert out.returncode != 0
+        last = out.stderr.strip().splitlines()[-1]
+        assert f"no Imagenet64 {split} files: expected" in last and all(n in last for n in names), out.stderr
 
 
 def test_adm_center_crop_steps():

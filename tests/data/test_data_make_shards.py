@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from data_prep.make_shards import main as make_shards
+from data_prep.make_shards import default_workers, main as make_shards
 from ict_scale.data.manifest import Manifest
 from ict_scale.data.samples import parse_tar
 
@@ -132,3 +132,45 @@ def test_temp_files_of_interrupted_runs_are_removed_and_others_kept(tmp_path):
         (out / name).write_bytes(b"x")
     make_shards(synthetic(str(out), "--shard-size", "100"))
     assert sorted(n for n in os.listdir(out) if not n.endswith((".tar", ".json"))) == sorted(others)
+
+
+@pytest.mark.parametrize("num_samples, num_shards, cpus, expected", [
+    (200, 1, 128, 0),          # one shard: a pool only adds start-up
+    (3_999, 16, 64, 0),        # one worker's worth of samples: in-process
+    (4_000, 16, 64, 2),
+    (50_000, 196, 128, 25),    # one worker per 2,000 samples, not one per CPU
+    (1_281_167, 5005, 16, 16),  # ImageNet: every CPU
+    (1_000_000, 3, 64, 3),     # never more workers than shards
+    (1_000_000, 1000, 1, 0),   # one CPU: in-process
+])
+def test_default_worker_count_follows_the_source_size(num_samples, num_shards, cpus, expected):
+    assert default_workers(num_samples, num_shards, cpus) == expected
+
+
+def make(*args: str, dry_run: bool = False) -> subprocess.CompletedProcess:
+    """`make shards` with this interpreter; -o install: the venv is the caller's, not .venv."""
+    return subprocess.run(["make", "--no-print-directory", *(["-n"] if dry_run else []), "-o", "install", "shards",
+                           f"PY={sys.executable}", *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+def test_make_variables_map_to_the_same_options(tmp_path):
+    """WORKERS=0 is in-process as --workers 0 is; no WORKERS lets make_shards choose; OVERWRITE=1 is --overwrite."""
+    command = make("DATASET=synthetic", "WORKERS=0", "OVERWRITE=1", f"OUT={tmp_path}", dry_run=True).stdout
+    assert "--workers 0" in command and "--overwrite" in command
+    command = make("DATASET=synthetic", "OVERWRITE=0", f"OUT={tmp_path}", dry_run=True).stdout
+    assert "data_prep.make_shards" in command and "--workers" not in command and "--overwrite" not in command
+    folder = make("DATASET=folder", f"SRC={tmp_path}", f"OUT={tmp_path / 'o'}")
+    assert folder.returncode != 0 and "needs RESOLUTION=" in folder.stderr
+    with pytest.raises(SystemExit, match="make shards: RESOLUTION="):
+        make_shards(["--dataset", "folder", "--src", str(tmp_path), "--out", str(tmp_path / "o")])
+
+
+def test_make_overwrite_replaces_a_set_built_with_other_settings(tmp_path):
+    out = str(tmp_path / "out")
+    make_shards(synthetic(out, "--shard-size", "64"))
+    with pytest.raises(SystemExit, match=r"--overwrite to replace it \(make shards: OVERWRITE=1\)"):
+        make_shards(synthetic(out, "--shard-size", "100"))
+    run = make("DATASET=synthetic", "NUM=200", "RESOLUTION=8", "SHARD_SIZE=100", "WORKERS=0", "OVERWRITE=1",
+               f"OUT={out}")
+    assert run.returncode == 0, run.stderr
+    assert [s.num_samples for s in manifest_matches_files(out).shards] == [100, 100]

@@ -91,6 +91,18 @@ def test_missing_shard_and_missing_bucket_fail_fast_with_the_url(bucket, s3_env)
         s3_loader("s3://no-such-bucket-x/syn/manifest.json")
 
 
+def test_shard_swapped_for_another_of_the_same_size_is_refused_when_read(bucket, s3_env):
+    out = write_shards(bucket)
+    client = boto3.client("s3", endpoint_url=s3_env)
+    first, second = (client.get_object(Bucket=bucket, Key=f"syn/train-00000{i}.tar")["Body"].read() for i in (0, 1))
+    assert len(first) == len(second)  # so the start-up size check passes
+    client.put_object(Bucket=bucket, Key="syn/train-000000.tar", Body=second)
+    client.put_object(Bucket=bucket, Key="syn/train-000001.tar", Body=first)
+    with pytest.raises(StorageError, match=rf"s3://{bucket}/syn/train-00000[01].tar: sha256 [0-9a-f]{{64}}, "
+                                           r"manifest says [0-9a-f]{64}"):
+        next(s3_loader(out, num_workers=0, batch_per_rank=NUM))
+
+
 def test_unreachable_endpoint_fails_fast_with_the_url_and_cause(s3_env, monkeypatch):
     from conftest import free_port
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there

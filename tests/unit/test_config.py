@@ -1,6 +1,8 @@
 """Config loading: schema defaults, recipes, overrides, and the errors a user sees."""
+import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -22,6 +24,21 @@ def test_paper_recipes():
     i = load_config([find_config("imagenet64")])
     assert (i.model.name, i.train.batch_size, i.train.total_steps, i.train.ema_decay) == ("adm", 4096, 800000, 0.99997)
     assert i.eval.sigma_mid == 1.526 and i.data.num_classes == 1000
+
+
+def test_storage_options_overrides_in_the_readme_parse_to_the_same_mapping():
+    """The README's command lines, as a shell splits them: a YAML flow mapping, and dotted keys."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    commands = [c for c in readme.replace("\\\n", " ").splitlines() if "data.storage_options" in c
+                and c.startswith("python -m ict_scale.train")]
+    assert len(commands) == 2, commands
+    parsed = []
+    for command in commands:
+        args = shlex.split(command)[3:]  # after `python -m ict_scale.train`
+        cfg = load_config([], [a for a in args if a.startswith("data.")])
+        parsed.append(dict(cfg.data.storage_options))
+        assert cfg.data.storage_options.client_kwargs.endpoint_url == "http://10.0.0.5:9000"
+    assert parsed[0]["profile"] == "research"
 
 
 def test_overrides_are_typed():

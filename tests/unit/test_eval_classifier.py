@@ -180,8 +180,11 @@ def test_train_classifier_command(tmp_path, capsys):
         make_shards.main(["--dataset", "synthetic", "--split", split, "--num", "48", "--num-classes", str(CLASSES),
                           "--resolution", str(RES), "--shard-size", "16", "--workers", "0", "--quiet",
                           "--out", str(tmp_path / split)])
-    args = ["--data", str(tmp_path / "train"), "--val", str(tmp_path / "val" / "manifest.json"), "--resolution",
-            str(RES), "--steps", "3", "--batch", "16", "--workers", "0", "--out", str(tmp_path / "c.safetensors")]
+    # no --resolution: the manifests' 16x16 (it used to default to 32); a disagreeing one names both values
+    args = ["--data", str(tmp_path / "train"), "--val", str(tmp_path / "val" / "manifest.json"),
+            "--steps", "3", "--batch", "16", "--workers", "0", "--out", str(tmp_path / "c.safetensors")]
+    with pytest.raises(SystemExit, match=rf"--resolution 32, but the manifest of .*train records {RES}x{RES} images"):
+        train_classifier.main(args + ["--resolution", "32"])
     with pytest.raises(SystemExit, match="held-out accuracy .* < --min-accuracy 1.01: not written"):
         train_classifier.main(args + ["--min-accuracy", "1.01"])
     assert not (tmp_path / "c.safetensors").exists()
@@ -190,6 +193,19 @@ def test_train_classifier_command(tmp_path, capsys):
     features = build_classifier_features(str(tmp_path / "c.safetensors"), sha256=report["sha256"])
     assert features.protocol["held_out_accuracy"] == report["held_out_accuracy"] and report["held_out_images"] == 48
     assert features.protocol["num_classes"] == CLASSES and features(images(2)).shape == (2, 256)
+    assert features.protocol["resolution"] == RES
+
+
+def test_ref_stats_of_shards_take_the_resolution_from_the_manifest(tmp_path, weights):
+    shards = str(tmp_path / "shards")
+    make_shards.main(["--dataset", "synthetic", "--num", "8", "--num-classes", str(CLASSES), "--resolution",
+                      str(RES), "--workers", "0", "--quiet", "--out", shards])
+    args = ["--data", shards, "--out", str(tmp_path / "r.npz"), "--num", "8", "--workers", "0", "--features",
+            "classifier", "--classifier-weights", weights[0], "--batch-per-rank", "8"]
+    with pytest.raises(SystemExit, match=rf"--resolution 32, but the manifest of .*shards records {RES}x{RES}"):
+        ref_stats.main(args + ["--resolution", "32"])
+    assert ref_stats.main(args) == 0  # it used to default to 32, which these shards do not hold
+    assert load_ref_stats(str(tmp_path / "r.npz")).meta["source"]["resolution"] == RES
 
 
 def test_synthetic_val_split_is_disjoint_from_train():

@@ -46,6 +46,34 @@ def test_stop_and_resume_is_bit_identical(tmp_path):
     assert a == b  # model, optimiser and EMA state: the same bytes
 
 
+def shards_with_one_undecodable_sample(root) -> str:
+    """16 unlabelled 8x8 samples in one shard, sample 5 not a PNG: skipped once per epoch (2 steps of 8)."""
+    import hashlib
+    import numpy as np
+    from data_prep.shard_writer import encode_png, tar_bytes
+    from ict_scale.data.manifest import Manifest, ShardEntry
+    rng = np.random.default_rng(0)
+    members = [(f"{i:03d}.png", encode_png(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))) for i in range(16)]
+    members[5] = ("005.png", b"not a png")
+    data = tar_bytes(members)
+    root.mkdir()
+    (root / "train-000000.tar").write_bytes(data)
+    manifest = Manifest("test", [3, 8, 8], 0, "test", [ShardEntry("train-000000.tar", 16, len(data),
+                                                                   hashlib.sha256(data).hexdigest())])
+    (root / "manifest.json").write_text(manifest.to_json())
+    return str(root)
+
+
+def test_skip_counters_continue_across_a_resume(tmp_path):
+    source = shards_with_one_undecodable_sample(tmp_path / "shards")
+    data = [f"data.source={source}", "data.num_classes=0", "data.max_skip_rate=0.5", "train.total_steps=4"]
+    train(tiny_cfg(tmp_path / "run", *data, "train.max_steps_this_run=2"))  # epoch 1
+    train(tiny_cfg(tmp_path / "run", *data))  # resumed: epoch 2
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert records[1]["data_skips"]["undecodable"] == 1 and records[3]["data_skips"]["undecodable"] == 2
+
+
 def test_run_directory_contents(tmp_path):
     run_dir = tmp_path / "run"
     train(tiny_cfg(run_dir, "train.total_steps=4", "train.ckpt_every=1", "train.grid_every=2"))
