@@ -7,6 +7,7 @@ safetensors (default): one file plus the resolved config beside it (`model.safet
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from safetensors.torch import save_file
@@ -18,6 +19,7 @@ from ict_scale.train.model import network_args
 
 def write_safetensors(model, cfg, ckpt: str, out: str) -> None:
     tensors = {n: t.detach().contiguous() for n, t in model.state_dict().items()}
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     # to_yaml, not the raw config: an exported file is made to be shared, and credentials stay home.
     save_file(tensors, out, metadata={"config": to_yaml(cfg), "checkpoint": ckpt})
     config_path = out.rsplit(".", 1)[0] + ".yaml"
