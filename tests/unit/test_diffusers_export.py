@@ -7,23 +7,23 @@ import numpy as np
 import pytest
 import torch
 
+# Offline before huggingface_hub is imported (it reads the variable once): every file comes from the export.
+os.environ["HF_HUB_OFFLINE"] = "1"
 pytest.importorskip("diffusers")  # an optional extra; `make test` installs it, so there these tests run
 
 from diffusers import ConsistencyModelPipeline, UNet2DModel  # noqa: E402
 
 from ict_scale import export, sample  # noqa: E402
 from ict_scale.config import load_config  # noqa: E402
+from ict_scale.ict import multistep_sample  # noqa: E402
 from ict_scale.networks import build_network, network_c_noise, network_kwargs  # noqa: E402
 from ict_scale.to_diffusers import karras_sigma, scheduler_config, two_step_timesteps  # noqa: E402
 from ict_scale.to_diffusers.adm import NotExpressible, to_unet2d  # noqa: E402
 from ict_scale.to_diffusers.ncsnpp_unet import NCSNppUNet  # noqa: E402
-from ict_scale.ict import multistep_sample  # noqa: E402
 from ict_scale.train.export import load_ema_model  # noqa: E402
 from ict_scale.train.grids import grid_png  # noqa: E402
 from ict_scale.train.loop import train  # noqa: E402
 from ict_scale.train.model import build_model  # noqa: E402
-
-os.environ["HF_HUB_OFFLINE"] = "1"  # nothing may be fetched: every file comes from the exported folder
 
 SMALL = {
     "adm": dict(img_resolution=16, in_channels=3, label_dim=5, model_channels=32, channel_mult=(1, 2, 2),
@@ -113,11 +113,9 @@ def exported_random_model(name, tmp_path):
     return path, cfg
 
 
-def pipeline_samples(folder, num, res, seed, num_classes, steps, timesteps=None):
-    """The pipeline's samples as uint8 NHWC, from the noise and labels `python -m ict_scale.sample --seed` draws:
-    z, then the re-noise (the scheduler's own draw from the same generator), then the labels."""
-    pipe = ConsistencyModelPipeline.from_pretrained(folder)
-    pipe.set_progress_bar_config(disable=True)
+def pipeline_samples(pipe, num, res, seed, num_classes, steps, timesteps=None):
+    """The pipeline's samples as NHWC floats in [0, 1], from the noise and labels `python -m ict_scale.sample
+    --seed` draws: z, then the re-noise (the scheduler's own draw from the same generator), then the labels."""
     g = torch.Generator().manual_seed(seed)
     z = torch.randn((num, 3, res, res), generator=g)
     draws = torch.Generator().manual_seed(seed)
@@ -149,12 +147,14 @@ def test_pipeline_samples_equal_ict_scale_sample(name, tmp_path):
     timesteps, sigma_j = two_step_timesteps(cfg)
     num, res = 6, cfg.data.resolution
     num_classes = 0 if cfg.data.drop_labels else cfg.data.num_classes
+    pipe = ConsistencyModelPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
     for steps in (1, 2):
         out = str(tmp_path / f"s{steps}")
         sample.main([path, "--steps", str(steps), "--num", str(num), "--out", out, "--seed", "3",
                      "--sigma-mid", repr(sigma_j)])
         ours = np.load(out + ".npz")["arr_0"]
-        theirs = pipeline_samples(folder, num, res, 3, num_classes, steps, timesteps if steps == 2 else None)
+        theirs = pipeline_samples(pipe, num, res, 3, num_classes, steps, timesteps if steps == 2 else None)
         # The floats: ict_scale's sampler on the same model, noise and labels, in diffusers' [0, 1] range.
         ours_float = ict_scale_floats(path, num, res, 3, num_classes, [cfg.ict.sigma_max, sigma_j][:steps])
         np.testing.assert_allclose(theirs, ours_float, rtol=0, atol=2e-6)
