@@ -76,8 +76,11 @@ def test_wandb_offline_run_has_the_redacted_config_and_the_metrics(tmp_path, mon
     run_dir = tmp_path / "run"
     train(load_config([], TINY + [f"train.run_dir={run_dir}", "train.total_steps=2",
                                   "train.loggers=[jsonl,wandb]", "data.storage_options={secret: s3cr3t}"]))
+    import wandb
+    wandb.teardown()  # what the end of the training process does: W&B's service writes out the run's log
     (log,) = glob.glob(str(run_dir / "wandb" / "offline-run-*" / "run-*.wandb"))
     records = wandb_records(log)
+    assert records[-1].HasField("exit")  # the whole run is on disk
     (run,) = [r.run for r in records if r.HasField("run")]
     config = {u.key: yaml.safe_load(u.value_json) for u in run.config.update}
     assert config["train"]["total_steps"] == 2 and config["model"]["name"] == "ncsnpp"
