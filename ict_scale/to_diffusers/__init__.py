@@ -84,7 +84,7 @@ def check_same_function(model, unet, scheduler, label_dim: int, probes: int = 2)
         s = torch.full((probes,), sigma)
         ours = model(x * sigma, s, labels)
         t = 1000 * 0.25 * math.log(sigma + 1e-44)
-        sd, smin = scheduler.config.sigma_data, scheduler.config.sigma_min
+        sd = scheduler.config.sigma_data
         F_x = unet(x * sigma / math.sqrt(sigma ** 2 + sd ** 2), torch.tensor(t), class_labels=labels).sample
         c_skip, c_out = scheduler.get_scalings_for_boundary_condition(s[0])
         worst = max(worst, float((c_skip * x * sigma + c_out * F_x - ours).abs().max()))
