@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 # e.g. TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu".
 TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
-EXTRAS ?= dev,deepspeed
+EXTRAS ?= dev,deepspeed,diffusers,wandb
 PYTEST_ARGS ?=
 
 # make shards / ref-stats variables (README.md, section Data, says what each one means)

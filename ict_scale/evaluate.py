@@ -23,7 +23,7 @@ from ict_scale.parallel import comm
 
 def load_model_for_eval(path: str, device):
     """(EMA consistency model in eval mode on `device`, resolved run config, checkpoint URL) from a run
-    directory (its newest complete checkpoint) or a checkpoint directory."""
+    directory (its newest complete checkpoint), a checkpoint directory or an exported .safetensors."""
     from ict_scale.train.export import load_ema_model
     model, cfg, checkpoint = load_ema_model(path, device)
     return model.eval().requires_grad_(False), cfg, checkpoint
@@ -33,6 +33,8 @@ def run_dir_of(path: str) -> str:
     """Where results go: the run dir itself, or the run dir that holds checkpoints/<name>."""
     path = path.rstrip("/")
     parent, _, name = path.rpartition("/")
+    if name.endswith(".safetensors"):  # an exported model: results go beside it
+        return parent or "."
     if parent.endswith("/checkpoints") or parent == "checkpoints":
         return parent.rpartition("/")[0] or "."
     return path if re.fullmatch(r"step_\d+", name) is None else (parent or ".")
@@ -41,7 +43,8 @@ def run_dir_of(path: str) -> str:
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m ict_scale.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("path", help="run directory (its latest checkpoint) or a checkpoint directory")
+    p.add_argument("path", help="run directory (its latest checkpoint), a checkpoint directory, or an exported "
+                                "NAME.safetensors (NAME.yaml beside it)")
     p.add_argument("--ref", help="reference statistics .npz (default: the run's eval.ref)")
     # Under torchrun write --num-samples: torchrun's parser takes '--num' for a prefix of its --numa-binding.
     p.add_argument("--num", "--num-samples", dest="num", type=int, help="samples (default: the run's eval.num)")
@@ -79,7 +82,10 @@ def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     device = init_distributed()
     try:
-        model, run_cfg, ckpt = load_model_for_eval(args.path, device)
+        try:
+            model, run_cfg, ckpt = load_model_for_eval(args.path, device)
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"error: {e}") from None
         cfg = eval_config(run_cfg.eval, args)
         if not cfg.ref:
             raise SystemExit("error: no reference statistics: pass --ref or set eval.ref in the run config")

@@ -1,28 +1,62 @@
-"""`python -m ict_scale.export RUN_DIR_OR_CKPT --out model.safetensors`: the EMA weights, one file, plus the config."""
+"""`python -m ict_scale.export RUN_DIR_OR_CKPT --out PATH [--format safetensors|diffusers]`: the EMA weights.
+
+safetensors (default): one file plus the resolved config beside it (`model.safetensors` + `model.yaml`), which
+`python -m ict_scale.sample` and `evaluate` read. diffusers: a folder that
+`diffusers.ConsistencyModelPipeline.from_pretrained(PATH)` loads (needs `pip install -e '.[diffusers]'`).
+"""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
 from ict_scale.config import to_yaml
 from ict_scale.train.export import load_ema_model
+from ict_scale.train.model import network_args
+
+
+def write_safetensors(model, cfg, ckpt: str, out: str) -> None:
+    tensors = {n: t.detach().contiguous() for n, t in model.state_dict().items()}
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    # to_yaml, not the raw config: an exported file is made to be shared, and credentials stay home.
+    save_file(tensors, out, metadata={"config": to_yaml(cfg), "checkpoint": ckpt})
+    config_path = out.rsplit(".", 1)[0] + ".yaml"
+    with open(config_path, "w") as f:
+        f.write(to_yaml(cfg))
+    print(f"wrote {out} ({sum(t.numel() for t in tensors.values()):,} EMA parameters) and {config_path}")
+
+
+def write_diffusers(model, cfg, ckpt: str, out: str) -> None:
+    from ict_scale.to_diffusers import NCSNPP_MODULE, export_pipeline
+    info = export_pipeline(model, cfg, network_args(cfg), out, ckpt)
+    print(f"wrote the ConsistencyModelPipeline folder {out} (exported network matches to "
+          f"{info['max_difference']:.1e}); two steps: pipe(timesteps={info['timesteps']}) = sigma_mid "
+          f"{info['sigma_mid']:.4f}" + (f"; import {NCSNPP_MODULE} before from_pretrained"
+                                      if cfg.model.name.startswith("ncsnpp") else ""))
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ict_scale.export", description=__doc__)
-    p.add_argument("path", help="run directory (newest complete checkpoint) or one checkpoint directory")
-    p.add_argument("--out", required=True, help="output .safetensors file; the resolved config goes beside it")
+    p = argparse.ArgumentParser(prog="python -m ict_scale.export", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("path", help="run directory (newest complete checkpoint), one checkpoint directory, or an "
+                                "exported .safetensors")
+    p.add_argument("--out", required=True, help="output .safetensors file (the resolved config goes beside it), "
+                                                "or the folder for --format diffusers")
+    p.add_argument("--format", choices=("safetensors", "diffusers"), default="safetensors")
     args = p.parse_args(argv)
-    model, cfg, ckpt = load_ema_model(args.path)
-    tensors = {n: t.detach().contiguous() for n, t in model.state_dict().items()}
-    save_file(tensors, args.out, metadata={"config": OmegaConf.to_yaml(cfg), "checkpoint": ckpt})
-    config_path = args.out.rsplit(".", 1)[0] + ".yaml"
-    with open(config_path, "w") as f:
-        f.write(to_yaml(cfg))
-    print(f"wrote {args.out} ({sum(t.numel() for t in tensors.values()):,} EMA parameters) and {config_path}")
+    if args.format == "diffusers":
+        from ict_scale.to_diffusers import DiffusersMissing, require_diffusers
+        try:
+            require_diffusers()  # before loading a checkpoint that may take minutes
+        except DiffusersMissing as e:
+            raise SystemExit(f"error: {e}") from None
+    try:
+        model, cfg, ckpt = load_ema_model(args.path)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    (write_diffusers if args.format == "diffusers" else write_safetensors)(model, cfg, ckpt, args.out)
     return 0
 
 

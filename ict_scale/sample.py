@@ -1,4 +1,6 @@
-"""`python -m ict_scale.sample RUN_DIR_OR_CKPT --steps 1|2 --num N --out PATH`: EMA samples as PNG grid + .npz.
+"""`python -m ict_scale.sample MODEL --steps 1|2 --num N --out PATH`: EMA samples as PNG grid + .npz.
+
+MODEL is a run directory, a checkpoint directory or an exported NAME.safetensors (NAME.yaml beside it).
 
 The .npz holds `arr_0`: uint8 images, N x H x W x C, the layout ADM's evaluation suite reads.
 """
@@ -16,7 +18,8 @@ from ict_scale.train.grids import grid_png, sample_images
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m ict_scale.sample", description=__doc__)
-    p.add_argument("path", help="run directory (newest complete checkpoint) or one checkpoint directory")
+    p.add_argument("path", help="run directory (newest complete checkpoint), one checkpoint directory, or an "
+                                "exported NAME.safetensors (NAME.yaml beside it)")
     p.add_argument("--steps", type=int, choices=(1, 2), default=1, help="sampling steps")
     p.add_argument("--num", type=int, default=64, help="number of samples")
     p.add_argument("--out", required=True, help="output prefix or .png/.npz path (both files are written)")
@@ -26,7 +29,10 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=256)
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, cfg, ckpt = load_ema_model(args.path, device)
+    try:
+        model, cfg, ckpt = load_ema_model(args.path, device)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
     res, num_classes = cfg.data.resolution, (0 if cfg.data.drop_labels else cfg.data.num_classes)
     g = torch.Generator().manual_seed(args.seed)
     z = torch.randn((args.num, 3, res, res), generator=g).to(device)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import re
 from typing import Iterable
 
@@ -122,6 +123,20 @@ def _validate(cfg) -> None:
     if not 0 < cfg.ict.sigma_min < cfg.ict.sigma_max:
         raise ConfigError(f"need 0 < ict.sigma_min < ict.sigma_max; got {cfg.ict.sigma_min}, {cfg.ict.sigma_max}")
     check_teacher(cfg)
+    check_loggers(cfg)
+
+
+LOGGERS = ("jsonl", "tensorboard", "wandb")  # the trackers of ict_scale.train.trackers
+
+
+def check_loggers(cfg) -> None:
+    """Known tracker names, and the package of the one that is not a dependency of every install."""
+    unknown = [name for name in cfg.train.loggers if name not in LOGGERS]
+    if unknown:
+        raise ConfigError(f"'train.loggers' entries must be from {', '.join(LOGGERS)}; got {unknown}")
+    if "wandb" in cfg.train.loggers and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("'train.loggers' includes wandb, but the wandb package is not installed "
+                          "(pip install -e '.[wandb]')")
 
 
 def check_teacher(cfg) -> None:

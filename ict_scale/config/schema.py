@@ -78,6 +78,8 @@ class TrainConfig:
     keep_last: int = 3                # complete checkpoints kept (older ones are deleted)
     max_nonfinite_steps: int = 20     # stop after this many consecutive non-finite losses/grad norms
     max_steps_this_run: int = 0       # stop (with a checkpoint) after this many steps in this process; 0 = no limit
+    loggers: List[str] = field(default_factory=lambda: ["jsonl", "tensorboard"])  # from jsonl, tensorboard, wandb
+    wandb_project: str = "ict_scale"  # Weights & Biases project of train.loggers=[...,wandb] (WANDB_* env applies)
 
 
 @dataclass

@@ -60,15 +60,19 @@ def _as_tuple(value):
     return tuple(value) if isinstance(value, list) else value
 
 
-def build_network(name: str, **overrides) -> nn.Module:
-    """Build registered network `name` with its recipe, any constructor argument overridden by keyword."""
+def network_kwargs(name: str, **overrides) -> dict:
+    """The constructor arguments of registered network `name`: its recipe, overridden by keyword."""
     spec = _spec(name)
     valid = sorted(p for p in inspect.signature(spec.cls.__init__).parameters if p != "self")
     unknown = sorted(set(overrides) - set(valid))
     if unknown:
         raise ValueError(f"unknown override(s) {unknown} for network {name!r}; valid keys: {valid}")
-    kwargs = {k: _as_tuple(v) for k, v in {**spec.defaults, **overrides}.items()}
-    return spec.cls(**kwargs)
+    return {k: _as_tuple(v) for k, v in {**spec.defaults, **overrides}.items()}
+
+
+def build_network(name: str, **overrides) -> nn.Module:
+    """Build registered network `name` with its recipe, any constructor argument overridden by keyword."""
+    return _spec(name).cls(**network_kwargs(name, **overrides))
 
 
 def network_c_noise(name: str) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -1,8 +1,9 @@
-"""Find a checkpoint, rebuild its model with the EMA weights, and write them out as safetensors."""
+"""Find a checkpoint (or an exported .safetensors) and rebuild its model with the EMA weights."""
 from __future__ import annotations
 
 import io
 
+import safetensors.torch
 import torch
 from omegaconf import OmegaConf
 
@@ -27,13 +28,40 @@ def resolve_checkpoint(path: str, storage_options: dict | None = None) -> str:
     return CheckpointManager(storage).url(step)
 
 
+def _run_config(yaml_bytes: bytes):
+    """A run's saved config.yaml over today's schema defaults (keys added since then take their defaults)."""
+    return OmegaConf.merge(load_config([], []), OmegaConf.load(io.StringIO(yaml_bytes.decode())))
+
+
+def load_exported_model(path: str, device="cpu", storage_options: dict | None = None):
+    """(ConsistencyModel in eval mode, config, path) from `python -m ict_scale.export`'s NAME.safetensors and the
+    NAME.yaml written beside it."""
+    parent, _, name = path.rpartition("/")
+    storage = Storage(parent or ".", storage_options)
+    config_name = name[:-len(".safetensors")] + ".yaml"
+    if not storage.exists(name):
+        raise FileNotFoundError(f"{path}: no such file")
+    if not storage.exists(config_name):
+        raise FileNotFoundError(f"{path}: its config {storage.url(config_name)} is missing (python -m ict_scale.export "
+                                f"writes the two side by side)")
+    cfg = _run_config(storage.read_bytes(config_name))
+    model = build_model(cfg)
+    tensors = safetensors.torch.load(storage.read_bytes(name))
+    missing, unexpected = model.state_dict().keys() - tensors.keys(), tensors.keys() - model.state_dict().keys()
+    if missing or unexpected:
+        raise ValueError(f"{path} does not hold the model {storage.url(config_name)} describes (missing tensors: "
+                         f"{sorted(missing)[:3]}, unexpected: {sorted(unexpected)[:3]})")
+    model.load_state_dict(tensors)
+    return model.to(device).eval().requires_grad_(False), cfg, path
+
+
 def load_ema_model(path: str, device="cpu", storage_options: dict | None = None):
-    """(ConsistencyModel in eval mode with EMA weights, resolved config, checkpoint URL)."""
+    """(ConsistencyModel in eval mode with EMA weights, resolved config, checkpoint URL or exported file)."""
+    if path.endswith(".safetensors"):
+        return load_exported_model(path, device, storage_options)
     ckpt = resolve_checkpoint(path, storage_options)
     store = Storage(ckpt, storage_options)
-    cfg_file = io.StringIO(store.read_bytes("config.yaml").decode())
-    cfg = load_config([], [])
-    cfg = OmegaConf.merge(cfg, OmegaConf.load(cfg_file))
+    cfg = _run_config(store.read_bytes("config.yaml"))
     model = build_model(cfg)
     ema = {n: torch.empty_like(p, dtype=torch.float32) for n, p in model.named_parameters()}
     dcp_io.load_ema(ckpt, ema, storage_options)

@@ -10,10 +10,10 @@ from ict_scale.parallel import comm
 
 from .console import RunConsole
 from .grids import fixed_noise, grid_png, sample_images
-from .run import DivergenceError, Run, data_skips, evaluate, finish_pending_save, log_record, save_checkpoint, setup
+from .run import DivergenceError, Run, data_skips, evaluate, finish_pending_save, save_checkpoint, setup
 from .signals import PreemptionFlag
-from .tensorboard import TensorBoard
 from .step import teacher_decay_for, train_step
+from .trackers import Trackers, build_trackers
 
 
 def next_micro_batches(run: Run, data_iter):
@@ -62,7 +62,7 @@ def optimise_step(run: Run, micro_batches, preempt: PreemptionFlag):
     return result, apply_or_skip(run, result, preempt)
 
 
-def write_grids(run: Run, tb: TensorBoard) -> None:
+def write_grids(run: Run, trackers: Trackers) -> None:
     cfg = run.cfg
     model = run.backend.eval_model(run.ema)
     if run.backend.rank != 0:  # eval_model above is collective; sampling from its full copy is not
@@ -77,7 +77,7 @@ def write_grids(run: Run, tb: TensorBoard) -> None:
         png = grid_png(images, upscale=max(1, 128 // cfg.data.resolution))
         run.storage.write_bytes(f"samples/step_{run.step:09d}_{steps}step.png", png)
         run.storage.write_bytes(f"samples/latest_{steps}step.png", png)
-        tb.image(f"samples/{steps}step", png, run.step)
+        trackers.image(f"samples/{steps}step", png, run.step)
 
 
 def train(cfg) -> Run:
@@ -89,7 +89,7 @@ def train(cfg) -> Run:
                   f"on {run.backend.device}, "
                   f"{'resuming at' if run.step else 'starting at'} step {run.step}, run dir {t.run_dir}")
     preempt, data_iter = PreemptionFlag(grace_s=cfg.parallel.preempt_grace_s), iter(run.loader)
-    tb = TensorBoard(t.run_dir, enabled=rank0)
+    trackers = build_trackers(cfg, run.storage, enabled=rank0)
     start_step, window_loss, window_t, window_steps = run.step, 0.0, time.perf_counter(), 0
     started = time.perf_counter()
     try:
@@ -109,13 +109,12 @@ def train(cfg) -> Run:
                           "img_per_s": window_steps * t.batch_size / max(now - window_t, 1e-9),
                           "seconds": now - started, "nonfinite_total": run.nonfinite_total,
                           "data_skips": data_skips(run)}
-                log_record(run, record)
-                tb.scalars(record)
+                trackers.scalars(record)
                 window_loss, window_t, window_steps = 0.0, now, 0
             console.update(run.step, record)
             done = run.step == t.total_steps or (t.max_steps_this_run and run.step - start_step >= t.max_steps_this_run)
             if t.grid_every and run.step % t.grid_every == 0 or done:
-                write_grids(run, tb)
+                write_grids(run, trackers)
             eval_due = run.evaluator is not None and run.step % cfg.eval.every_steps == 0
             if run.step % t.ckpt_every == 0 or done or stop or eval_due:
                 save_checkpoint(run)  # an evaluated step always has a checkpoint, so best.json can name it
@@ -130,6 +129,6 @@ def train(cfg) -> Run:
     finally:
         preempt.cancel()
         console.close()
-        tb.close()
+        trackers.close()
         run.loader.close()
     return run

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ict_scale.ict import ConsistencyModel
-from ict_scale.networks import build_network, network_c_noise
+from ict_scale.networks import build_network, network_c_noise, network_kwargs
 
 _OVERRIDES = ("model_channels", "channel_mult", "num_blocks", "attn_resolutions", "dropout")
 
@@ -12,13 +12,19 @@ def num_classes(cfg) -> int:
     return 0 if cfg.data.drop_labels else int(cfg.data.num_classes)
 
 
-def build_model(cfg) -> ConsistencyModel:
+def network_args(cfg) -> dict:
+    """The backbone's full constructor arguments: the named network's preset with the config's values on top."""
     overrides = {k: getattr(cfg.model, k) for k in _OVERRIDES if getattr(cfg.model, k) is not None}
     for k in ("channel_mult", "attn_resolutions"):
         if k in overrides:
             overrides[k] = tuple(overrides[k])
-    net = build_network(cfg.model.name, img_resolution=cfg.data.resolution, in_channels=3,
-                        label_dim=num_classes(cfg), fp32_conditioning=cfg.model.fp32_conditioning, **overrides)
+    return network_kwargs(cfg.model.name, img_resolution=cfg.data.resolution, in_channels=3,
+                          label_dim=num_classes(cfg), fp32_conditioning=cfg.model.fp32_conditioning,
+                          **overrides)
+
+
+def build_model(cfg) -> ConsistencyModel:
+    net = build_network(cfg.model.name, **network_args(cfg))
     return ConsistencyModel(net, network_c_noise(cfg.model.name), sigma_data=cfg.ict.sigma_data,
                             sigma_min=cfg.ict.sigma_min)
 

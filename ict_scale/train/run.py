@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import io
-import json
 from dataclasses import dataclass
 
 import torch
@@ -215,11 +214,6 @@ def restore_latest(run: Run) -> bool:
     run.nonfinite_run = int(state.get("nonfinite_run", 0))
     run.loader.load_state_dict(state["loader"])
     return True
-
-
-def log_record(run: Run, record: dict) -> None:
-    if run.backend.rank == 0:
-        run.storage.append_line("metrics.jsonl", json.dumps(record))
 
 
 def resolved(cfg) -> dict:
