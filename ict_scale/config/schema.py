@@ -73,6 +73,7 @@ class TrainConfig:
     keep_last: int = 3                # complete checkpoints kept (older ones are deleted)
     max_nonfinite_steps: int = 20     # stop after this many consecutive non-finite losses/grad norms
     max_steps_this_run: int = 0       # stop (with a checkpoint) after this many steps in this process; 0 = no limit
+    lease_timeout_s: float = 300.0    # a run dir's lease (run.lease, renewed by its run) older than this is taken over
 
 
 @dataclass

@@ -53,8 +53,13 @@ def main(argv=None) -> int:
             n = count_parameters(build_model(cfg))
         print(f"model {cfg.model.name}: {n:,} parameters ({n / 1e6:.2f}M)")
         return 0
+    from ict_scale.checkpoint import RunDirError
     from .loop import train
-    run = train(cfg)
+    try:
+        run = train(cfg)
+    except (ConfigError, RunDirError) as e:  # a refused resume, a busy or full run dir: one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     code = 0 if run.step >= 0 else 1
     distributed = run.backend.name != "single"
     run.backend.shutdown()  # leave the process group in order
