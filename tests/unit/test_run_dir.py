@@ -6,6 +6,7 @@ the ones printed.
 import json
 import os
 import pickle
+import shlex
 import shutil
 import socket
 import subprocess
@@ -251,3 +252,52 @@ def test_metrics_of_a_diverging_run_are_strict_json(tmp_path):
                                "train.max_nonfinite_steps=3", "train.ckpt_every=1"]))
     records = [_strict(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert any(r["loss"] is None for r in records)  # a non-finite loss is written as null
+
+
+# -- a full disk -------------------------------------------------------------------------------------------------
+FULL_DISK = r"""
+import contextlib, io, json, os, sys
+from ict_scale.train.__main__ import main
+mount, args = sys.argv[1], json.loads(sys.argv[2])
+run_dir = os.path.join(mount, "run")
+def train(*extra):  # the command line's main, in this process (one torch import for all four runs)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main([*args, f"train.run_dir={run_dir}", *extra])
+    return {"rc": rc, "out": out.getvalue(), "err": err.getvalue()}
+steps = {"first": train("train.max_steps_this_run=1")}
+st = os.statvfs(mount)
+with open(os.path.join(mount, "filler"), "wb") as f:  # leaves 1 MiB: less than a checkpoint
+    f.write(b"\0" * (st.f_bavail * st.f_frsize - (1 << 20)))
+steps["full"] = train("train.max_steps_this_run=1")
+steps["still_full"] = train("train.max_steps_this_run=1")
+steps["ckpts"] = sorted(os.listdir(os.path.join(run_dir, "checkpoints")))
+steps["marked"] = sorted(n for n in steps["ckpts"] if os.path.exists(os.path.join(run_dir, "checkpoints", n, "COMMIT")))
+print(json.dumps(steps))
+"""
+
+
+def test_a_full_disk_is_named_and_its_partial_checkpoint_removed_at_the_next_start(tmp_path):
+    """A 10 MiB tmpfs (own user and mount namespace) holds two tiny checkpoints; a filler leaves too little."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-rm", "true"]).returncode != 0:
+        pytest.skip("needs unshare with user namespaces to mount a small tmpfs")
+    args = [*TINY, "train.total_steps=3", "train.ckpt_every=1", "train.keep_last=1"]
+    script = " ".join(["mount -t tmpfs -o size=10m tmpfs", shlex.quote(str(mount)), "&& exec",
+                       *map(shlex.quote, [sys.executable, "-c", FULL_DISK, str(mount), json.dumps(args)])])
+    done = subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    steps = json.loads(done.stdout.strip().splitlines()[-1])
+    assert steps["first"]["rc"] == 0, steps["first"]["err"][-3000:]
+    full = steps["full"]
+    assert full["rc"] == 1, full["err"][-3000:]
+    line = full["err"].strip().splitlines()[-1]
+    assert line.startswith(f"error: no space left on {mount}/run") and "checkpoint step 2 was not written" in line
+    # The partial save filled the disk; the next start removes it before writing anything, and fails only
+    # where the disk is still too small: at the checkpoint, with the same one line.
+    again = steps["still_full"]
+    assert f"removed 1 partial checkpoint(s)" in again["out"] and "resuming at step 1" in again["out"]
+    assert again["rc"] == 1 and "error: no space left on" in again["err"]
+    assert steps["ckpts"] == ["step_000000001", "step_000000002"]  # the committed one is kept, the new partial too
+    assert steps["marked"] == ["step_000000001"]
