@@ -140,6 +140,8 @@ class RunLease:
         return self.lost
 
     def heartbeat(self) -> None:
+        # Read, then write: a take-over landing between the two is overwritten, and that newer run's own
+        # check before its next COMMIT then stops it; one run goes on either way.
         if self.check() is None:
             self.storage.write_text(LEASE, json.dumps(self._record()))
 
@@ -158,10 +160,14 @@ class RunLease:
         self._thread.start()
 
     def release(self) -> None:
-        """Stop the heartbeat and remove the lease if it is still ours."""
+        """Stop the heartbeat and remove the lease if it is still ours (best effort: this runs while a run
+        ends, possibly because its storage failed; a lease left behind goes stale and is taken over)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
-        held = self.read()
-        if held is not None and held.get("token") == self.token:
-            self.storage.remove(LEASE)
+        try:
+            held = self.read()
+            if held is not None and held.get("token") == self.token:
+                self.storage.remove(LEASE)
+        except Exception:
+            pass

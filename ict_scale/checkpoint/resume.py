@@ -18,8 +18,9 @@ from ict_scale.config import Config, ConfigError
 RESUME_INVARIANTS = ("ict", "model", "train.total_steps", "train.batch_size", "train.seed", "data.shuffle",
                      "data.resolution", "data.num_classes", "data.drop_labels", "data.synthetic_seed")
 
-# cfg.optim key -> (optimiser param_group key, how the config value becomes the group's value)
-OPTIM_SETTINGS = {"lr": ("lr", float), "eps": ("eps", float), "weight_decay": ("weight_decay", float)}
+# optimiser param_group key -> the config key(s) it comes from (see apply_optim_settings)
+OPTIM_SETTINGS = {"lr": "optim.lr", "betas": "optim.beta1/beta2", "eps": "optim.eps",
+                  "weight_decay": "optim.weight_decay"}
 
 
 def _plain(node):
@@ -67,26 +68,24 @@ def check_resume_config(cfg, saved_yaml: str, ckpt_url: str, saved_fingerprint: 
     return notes
 
 
+def _shown(value) -> str:
+    return f"({', '.join(f'{v:g}' for v in value)})" if isinstance(value, tuple) else f"{value:g}"
+
+
 def apply_optim_settings(param_groups: list[dict], optim_cfg) -> list[str]:
     """Put the config's optimiser settings into restored param groups; return what changed, for the log.
 
     Loading an optimiser's state brings back the values it was saved with; a lower optim.lr on resume is a
     common, deliberate change, so the config wins (and config.yaml then records what is used).
     """
+    wanted = {"lr": float(optim_cfg.lr), "betas": (float(optim_cfg.beta1), float(optim_cfg.beta2)),
+              "eps": float(optim_cfg.eps), "weight_decay": float(optim_cfg.weight_decay)}
     changes = []
-    for key, (group_key, cast) in OPTIM_SETTINGS.items():
-        new = cast(getattr(optim_cfg, key))
-        olds = {g[group_key] for g in param_groups if group_key in g}
-        for g in param_groups:
-            if group_key in g:
-                g[group_key] = new
+    for key, new in wanted.items():
+        groups = [g for g in param_groups if key in g]
+        olds = {tuple(g[key]) if key == "betas" else g[key] for g in groups}
+        for g in groups:
+            g[key] = new
         if olds and olds != {new}:
-            changes.append(f"optim.{key} {', '.join(f'{o:g}' for o in sorted(olds))} -> {new:g}")
-    betas = (float(optim_cfg.beta1), float(optim_cfg.beta2))
-    olds = {tuple(g["betas"]) for g in param_groups if "betas" in g}
-    for g in param_groups:
-        if "betas" in g:
-            g["betas"] = betas
-    if olds and olds != {betas}:
-        changes.append(f"optim.beta1/beta2 {sorted(olds)} -> {betas}")
+            changes.append(f"{OPTIM_SETTINGS[key]} {', '.join(map(_shown, sorted(olds)))} -> {_shown(new)}")
     return changes

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from ict_scale.checkpoint import (CheckpointManager, IncompleteCheckpoint, RunDirBusy, RunDirError, RunLease, Storage,
                                   torch_bytes)
 from ict_scale.checkpoint.errors import out_of_space_as_error
-from ict_scale.checkpoint.resume import RESUME_INVARIANTS, apply_optim_settings, check_resume_config  # noqa: F401
+from ict_scale.checkpoint.resume import apply_optim_settings, check_resume_config
 from ict_scale.config import check_teacher, to_yaml
 from ict_scale.data import build_loader
 from ict_scale.parallel import ckpt_files, comm

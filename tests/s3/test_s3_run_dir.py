@@ -54,7 +54,8 @@ def test_of_two_runs_starting_together_on_s3_exactly_one_holds_the_run_dir(bucke
 def test_a_stale_lease_on_s3_is_taken_over_and_the_heartbeat_renews_ours(bucket):
     url = f"s3://{bucket}/run"
     storage = Storage(url)
-    storage.write_text("run.lease", json.dumps({"host": "node-9", "pid": 7, "token": "t", "heartbeat": time.time() - 60}))
+    stale = {"host": "node-9", "pid": 7, "token": "t", "heartbeat": time.time() - 60}
+    storage.write_text("run.lease", json.dumps(stale))
     ours = lease(url, "node-1")
     note = ours.acquire()
     assert "taking over the lease" in note and "host node-9 pid 7" in note

@@ -110,7 +110,8 @@ def test_a_lease_taken_over_is_noticed_by_its_old_holder(tmp_path):
     first = RunLease(storage, timeout_s=60)
     first.acquire()
     assert first.check() is None
-    storage.write_text("run.lease", json.dumps({"host": "node-7", "pid": 1, "token": "other", "heartbeat": time.time()}))
+    other = {"host": "node-7", "pid": 1, "token": "other", "heartbeat": time.time()}
+    storage.write_text("run.lease", json.dumps(other))
     assert "taken over by another run: host node-7 pid 1" in first.check()
     first.release()
     assert storage.exists("run.lease")  # not ours any more: left alone
