@@ -48,6 +48,8 @@ def job_identity() -> tuple[str, list[int]]:
 
 
 def _pid_alive(pid: int) -> bool:
+    if pid <= 0:  # os.kill(0 or -1, ...) would address process groups, not a process
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
