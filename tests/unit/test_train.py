@@ -69,6 +69,7 @@ def test_incomplete_checkpoint_is_never_resumed(tmp_path):
     broken = run_dir / "checkpoints" / "step_000000005"
     broken.mkdir()
     (broken / "__0_0.distcp").write_bytes(b"partial")
+    (broken / "trainer_state.pt").write_bytes(b"partial")
     assert CheckpointManager(Storage(str(run_dir))).latest() == 2
     with pytest.raises(FileNotFoundError, match="is an incomplete checkpoint"):
         load_ema_model(str(broken))
