@@ -302,3 +302,16 @@ def test_a_full_disk_is_named_and_its_partial_checkpoint_removed_at_the_next_sta
     assert again["rc"] == 1 and "error: no space left on" in again["err"]
     assert steps["ckpts"] == ["step_000000001", "step_000000002"]  # the committed one is kept, the new partial too
     assert steps["marked"] == ["step_000000001"]
+
+
+def test_a_full_disk_outside_a_checkpoint_is_one_line_too(tmp_path, capsys, monkeypatch):
+    import errno
+
+    def full(self, rel, record):
+        raise OSError(errno.ENOSPC, "No space left on device", f"{self.root}/{rel}")
+
+    monkeypatch.setattr(Storage, "append_record", full)  # the first metrics line meets a full disk
+    run_dir = tmp_path / "run"
+    assert cli(run_dir, "train.total_steps=1") == 1
+    assert capsys.readouterr().err.strip() == f"error: no space left on device writing {run_dir}/metrics.jsonl"
+    assert not (run_dir / "run.lease").exists()  # released on the way out
