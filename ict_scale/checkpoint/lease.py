@@ -133,12 +133,18 @@ class RunLease:
         return note
 
     def check(self) -> str | None:
-        """None while the lease is ours; otherwise why not (another run took it over)."""
+        """None while the lease is ours; otherwise why not (another run took it over).
+
+        Only another run's lease counts: an unreadable store (it may be down for a moment) or a removed lease
+        file says nothing about a second run, and the next heartbeat writes ours again.
+        """
         if self.lost is None:
-            held = self.read()
-            if held is None or held.get("token") != self.token:
-                self.lost = (f"run dir {self.storage.root} was taken over by another run: "
-                             f"{self.describe(held) if held else 'its lease file is gone'}")
+            try:
+                held = self.read()
+            except Exception:
+                return None
+            if held is not None and held.get("token") != self.token:
+                self.lost = f"run dir {self.storage.root} was taken over by another run: {self.describe(held)}"
         return self.lost
 
     def heartbeat(self) -> None:

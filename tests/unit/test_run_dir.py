@@ -6,6 +6,7 @@ the ones printed.
 import json
 import os
 import pickle
+import re
 import shlex
 import shutil
 import socket
@@ -95,7 +96,8 @@ def test_a_stale_lease_of_another_host_is_taken_over_with_a_message(tmp_path, ca
                                                     "heartbeat": time.time() - 3600}))
     assert cli(run_dir, "train.total_steps=1") == 0
     out = capsys.readouterr().out
-    assert "taking over the lease" in out and "host node-7 pid 4242" in out and "last heartbeat was 3600 s ago" in out
+    assert "taking over the lease" in out and "host node-7 pid 4242" in out
+    assert re.search(r"its last heartbeat was 36\d\d s ago \(> 300 s\)", out)
 
 
 def test_a_live_lease_of_another_host_is_refused(tmp_path):
