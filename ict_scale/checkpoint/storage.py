@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import io
+import json
+import math
 import os
 import uuid
 
@@ -63,6 +65,25 @@ class Storage:
             return
         old = self.fs.cat_file(path) if self.fs.exists(path) else b""
         self.fs.pipe_file(path, old + line.rstrip("\n").encode() + b"\n")
+
+    def append_record(self, rel: str, record: dict) -> None:
+        """Append `record` as one line of strict JSON (see `strict_json`)."""
+        self.append_line(rel, strict_json(record))
+
+
+def _finite_or_none(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_none(v) for v in obj]
+    return obj
+
+
+def strict_json(obj, **kwargs) -> str:
+    """JSON that strict readers accept: a non-finite float (a diverged loss) becomes null, never a bare NaN/Infinity."""
+    return json.dumps(_finite_or_none(obj), allow_nan=False, **kwargs)
 
 
 def write_whole(fs, path: str, data: bytes) -> None:

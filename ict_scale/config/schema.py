@@ -80,6 +80,7 @@ class TrainConfig:
     max_steps_this_run: int = 0       # stop (with a checkpoint) after this many steps in this process; 0 = no limit
     loggers: List[str] = field(default_factory=lambda: ["jsonl", "tensorboard"])  # from jsonl, tensorboard, wandb
     wandb_project: str = "ict_scale"  # Weights & Biases project of train.loggers=[...,wandb] (WANDB_* env applies)
+    lease_timeout_s: float = 300.0    # a run dir's lease (run.lease, renewed by its run) older than this is taken over
 
 
 @dataclass

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 
-from ict_scale.checkpoint import Storage
+from ict_scale.checkpoint import Storage, strict_json
 
 from .features import METRIC_BY_EXTRACTOR
 
@@ -50,10 +50,10 @@ def record_result(run_dir: str, result: dict, checkpoint: str | None = None,
     """
     storage = Storage(run_dir, storage_options)
     storage.makedirs()
-    storage.append_line("metrics.jsonl", json.dumps(metrics_line(result)))
+    storage.append_record("metrics.jsonl", metrics_line(result))
     metric = best_metric(result)
     latest = f"{metric.partition('_')[0]}.json"
-    storage.write_text(latest, json.dumps({**result, "checkpoint": checkpoint}, indent=2, sort_keys=True))
+    storage.write_text(latest, strict_json({**result, "checkpoint": checkpoint}, indent=2, sort_keys=True))
     best = json.loads(storage.read_bytes("best.json")) if storage.exists("best.json") else None
     if best is not None and best.get("metric") == metric and best["value"] <= result[metric]:
         return best

@@ -138,6 +138,10 @@ class Backend:
     def load(self, ckpt_dir: str, ema_state: dict, storage_options: dict | None = None) -> None:
         dcp_io.load(ckpt_dir, self.model, self.optimizer, ema_state, storage_options)
 
+    def optimizer_param_groups(self) -> list[dict]:
+        """The optimiser's parameter groups built from cfg.optim (their settings follow the config on resume)."""
+        return self.optimizer.param_groups
+
     def shutdown(self) -> None:
         pass
 

@@ -11,6 +11,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_state_dict)
 
+from .ckpt_files import SafeFileSystemReader, SafeFsspecReader
+
 _async_group = None  # a gloo group for background saves, so they never interleave with the step's collectives
 
 
@@ -30,12 +32,13 @@ class PendingSave:
 
 
 def _storage(path: str, storage_options: dict | None, write: bool):
+    # Readers unpickle .metadata through an allow-list of DCP's own types (see ckpt_files).
     if "://" in path and not path.startswith("file://"):
-        from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
         opts = dict(storage_options or {})
-        return FsspecWriter(path, **opts) if write else FsspecReader(path, **opts)
+        return FsspecWriter(path, **opts) if write else SafeFsspecReader(path, **opts)
     local = path.removeprefix("file://")
-    return dcp.FileSystemWriter(local) if write else dcp.FileSystemReader(local)
+    return dcp.FileSystemWriter(local) if write else SafeFileSystemReader(local)
 
 
 def _write(state: dict, path: str, storage_options: dict | None, background: bool) -> PendingSave:

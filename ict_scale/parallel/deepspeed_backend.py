@@ -236,6 +236,10 @@ class DeepSpeedBackend(DistributedBackend):
         dcp_io.save_ema(ckpt_dir, self._assemble(ema_state), storage_options)
         return dcp_io.PendingSave()
 
+    def optimizer_param_groups(self) -> list[dict]:
+        # An optimizer section in the DeepSpeed config replaces the run's RAdam, and cfg.optim with it.
+        return [] if "optimizer" in self.ds_config else self.optimizer.param_groups
+
     @torch.no_grad()
     def load(self, ckpt_dir: str, ema_state: dict, storage_options: dict | None = None) -> None:
         deepspeed_ckpt.load_engine(self.engine, ckpt_dir, storage_options, self.local_rank)

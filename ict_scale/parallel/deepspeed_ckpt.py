@@ -5,6 +5,11 @@ Layout of one checkpoint directory (the run adds trainer_state.pt, config.yaml a
     deepspeed.json    world size and ZeRO stage at save time
     .metadata, *.distcp   the EMA through DCP, so `dcp_io.load_ema` reads it like any other backend's
 
+DeepSpeed unpickles its files with `weights_only=False`, which runs whatever a crafted file asks for. Loads
+of the engine's files at the same world size go through `safe_load` instead (tensors plus the few DeepSpeed
+types its files hold); before a conversion to the universal format (whose tools unpickle freely) every
+engine file is first read the same safe way, so a file that needs anything else is refused either way.
+
 The engine writes only to local disk, so a remote checkpoint is staged: each rank saves into a
 private temporary directory and uploads what it wrote; loading downloads into a node-local
 directory. Loading at another world size converts to DeepSpeed's universal format first
@@ -15,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -22,6 +28,7 @@ import tempfile
 import uuid
 
 import fsspec
+import torch
 import torch.distributed as dist
 
 ENGINE_TAG = "engine"
@@ -30,6 +37,44 @@ META = "deepspeed.json"
 # Saved with the engine state: it asks DeepSpeed to record the parameter layout that ds_to_universal
 # needs (without it, ZeRO-1/2 checkpoints cannot be converted).
 CLIENT_STATE = {"universal_checkpoint_info": {}}
+
+
+def _safe_types() -> list:
+    """The non-tensor types DeepSpeed's model and optimiser files hold (ZeRO 1-3, fp32/bf16/fp16)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def safe_load(path: str, map_location=None):
+    """torch.load that builds only tensors, containers and `_safe_types()`; anything else is refused."""
+    with torch.serialization.safe_globals(_safe_types()):
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as e:
+            first = str(e).split("\n\n")[-1].strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise pickle.UnpicklingError(f"{path}: refusing to load a DeepSpeed checkpoint file that needs more "
+                                         f"than tensors and DeepSpeed's own state types ({first})") from None
+
+
+def check_engine_files(directory: str) -> None:
+    """Read every engine file under `directory` with safe_load (before tools that unpickle freely see them)."""
+    for root, _, files in os.walk(directory):
+        for name in sorted(files):
+            if name.endswith(".pt"):
+                safe_load(os.path.join(root, name), map_location="cpu")
+
+
+@contextlib.contextmanager
+def _weights_only(engine):
+    """The engine's checkpoint engine loads through safe_load for the duration."""
+    checkpoint_engine = engine.checkpoint_engine
+    checkpoint_engine.load = safe_load  # an instance attribute shadows the class's unpickling load
+    try:
+        yield
+    finally:
+        del checkpoint_engine.load
 
 
 def _remote(url: str) -> bool:
@@ -124,6 +169,7 @@ def load_engine(engine, url: str, storage_options: dict | None, local_rank: int)
             _load(engine, src, ENGINE_TAG)
             return
         if local_rank == 0:
+            check_engine_files(os.path.join(src, ENGINE_TAG))
             _to_universal(os.path.join(src, ENGINE_TAG), os.path.join(work, UNIVERSAL_TAG))
         dist.barrier()
         # The engine reads this flag (normally fixed by the config at initialize) when it loads;
@@ -136,7 +182,8 @@ def load_engine(engine, url: str, storage_options: dict | None, local_rank: int)
 
 
 def _load(engine, load_dir: str, tag: str) -> None:
-    path, _ = engine.load_checkpoint(load_dir, tag=tag, load_module_strict=True, load_optimizer_states=True,
-                                     load_lr_scheduler_states=True)
+    with _weights_only(engine):
+        path, _ = engine.load_checkpoint(load_dir, tag=tag, load_module_strict=True, load_optimizer_states=True,
+                                         load_lr_scheduler_states=True)
     if path is None:
         raise FileNotFoundError(f"DeepSpeed found no checkpoint '{tag}' under {load_dir}")

@@ -53,8 +53,20 @@ def main(argv=None) -> int:
             n = count_parameters(build_model(cfg))
         print(f"model {cfg.model.name}: {n:,} parameters ({n / 1e6:.2f}M)")
         return 0
+    from ict_scale.checkpoint import RunDirError
+    from ict_scale.checkpoint.errors import is_out_of_space
     from .loop import train
-    run = train(cfg)
+    try:
+        run = train(cfg)
+    except (ConfigError, RunDirError) as e:  # a refused resume, a busy or full run dir: one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        if not is_out_of_space(e):
+            raise
+        # Checkpoints name their own failure (RunDirError); this is any other write (metrics, grids).
+        print(f"error: no space left on device writing {e.filename or 'into ' + cfg.train.run_dir}", file=sys.stderr)
+        return 1
     code = 0 if run.step >= 0 else 1
     distributed = run.backend.name != "single"
     run.backend.shutdown()  # leave the process group in order

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import sys
 
 import safetensors.torch
 import torch
@@ -16,16 +17,21 @@ from .model import build_model
 
 def resolve_checkpoint(path: str, storage_options: dict | None = None) -> str:
     """A complete checkpoint URL from a run dir (newest complete) or a checkpoint dir (must be complete)."""
+    from .run import checkpoint_verifier
     path = path.rstrip("/")
     storage = Storage(path, storage_options)
     if storage.exists(COMMIT):
+        problems = checkpoint_verifier(storage)(path)
+        if problems:
+            raise FileNotFoundError(f"{path} is marked complete but is not: {'; '.join(problems[:5])}")
         return path
     if storage.exists("trainer_state.pt"):
         raise FileNotFoundError(f"{path} is an incomplete checkpoint (no {COMMIT} marker): its save was interrupted")
-    step = CheckpointManager(storage).latest()
+    ckpts = CheckpointManager(storage, verify=checkpoint_verifier(storage))
+    step = ckpts.newest_good(report=lambda note: print(note, file=sys.stderr))
     if step is None:
         raise FileNotFoundError(f"no complete checkpoint under {path}/checkpoints (expected step_*/{COMMIT})")
-    return CheckpointManager(storage).url(step)
+    return ckpts.url(step)
 
 
 def _run_config(yaml_bytes: bytes):

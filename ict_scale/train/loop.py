@@ -10,7 +10,8 @@ from ict_scale.parallel import comm
 
 from .console import RunConsole
 from .grids import fixed_noise, grid_png, sample_images
-from .run import DivergenceError, Run, data_skips, evaluate, finish_pending_save, save_checkpoint, setup
+from .run import (DivergenceError, Run, data_skips, evaluate, finish_pending_save, release_run_dir,
+                  run_complete_message, save_checkpoint, setup)
 from .signals import PreemptionFlag
 from .step import teacher_decay_for, train_step
 from .trackers import Trackers, build_trackers
@@ -84,7 +85,17 @@ def train(cfg) -> Run:
     run = setup(cfg)
     t = cfg.train
     rank0 = run.backend.rank == 0
+    if run.step >= t.total_steps:
+        if rank0:
+            for note in run.notes:
+                print(note, flush=True)
+            print(run_complete_message(run), flush=True)
+        release_run_dir(run)
+        run.loader.close()
+        return run
     console = RunConsole(t.total_steps, run.step, enabled=rank0)
+    for note in run.notes:
+        console.print(note)
     console.print(f"ict_scale: {run.num_params:,} parameters, backend {run.backend.name} x{run.backend.world_size} "
                   f"on {run.backend.device}, "
                   f"{'resuming at' if run.step else 'starting at'} step {run.step}, run dir {t.run_dir}")
@@ -131,4 +142,5 @@ def train(cfg) -> Run:
         console.close()
         trackers.close()
         run.loader.close()
+        release_run_dir(run)
     return run

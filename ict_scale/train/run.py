@@ -2,16 +2,19 @@
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from omegaconf import OmegaConf
 
-from ict_scale.checkpoint import CheckpointManager, Storage, torch_bytes
-from ict_scale.config import Config, ConfigError, check_teacher, to_yaml
+from ict_scale.checkpoint import (CheckpointManager, IncompleteCheckpoint, RunDirBusy, RunDirError, RunLease, Storage,
+                                  torch_bytes)
+from ict_scale.checkpoint.errors import out_of_space_as_error
+from ict_scale.checkpoint.resume import apply_optim_settings, check_resume_config
+from ict_scale.config import check_teacher, to_yaml
 from ict_scale.data import build_loader
 from ict_scale.data.samples import SKIP_REASONS
-from ict_scale.parallel import comm
+from ict_scale.parallel import ckpt_files, comm
 from ict_scale.parallel.backend import build_backend
 
 from .ema import EMA, EMATeacher
@@ -38,6 +41,8 @@ class Run:
     nonfinite_total: int = 0
     nonfinite_run: int = 0
     pending_save: tuple | None = None  # (step, PendingSave, images_seen) of a save whose COMMIT is due
+    lease: RunLease | None = None  # rank 0's hold on the run dir
+    notes: list[str] = field(default_factory=list)  # what start-up found worth saying (rank 0 prints them)
 
     @property
     def accumulation(self) -> int:
@@ -75,20 +80,67 @@ def build_run(cfg, storage: Storage | None, make_batches=None) -> Run:
     batches = make_batches(backend) if make_batches else build_loader(
         cfg.data, batch_per_rank=cfg.train.batch_per_gpu, rank=backend.rank, world_size=backend.world_size,
         seed=cfg.train.seed)
-    ckpts = CheckpointManager(storage, cfg.train.keep_last) if storage is not None else None
+    ckpts = CheckpointManager(storage, cfg.train.keep_last, verify=checkpoint_verifier(storage)) \
+        if storage is not None else None
     return Run(cfg, backend, storage, ckpts, EMA(backend.ema_targets()), batches, num_params,
                build_evaluator(cfg, backend), teacher=build_teacher(cfg, backend))
 
 
+# Files the run writes into each checkpoint beside the backend's bytes.
+RUN_FILES = ("trainer_state.pt", "config.yaml")
+
+
+def checkpoint_verifier(storage: Storage):
+    """What keeps a checkpoint URL from being complete: the run's files and every file its bytes need."""
+    return lambda url: ckpt_files.checkpoint_problems(url, storage.storage_options, required=RUN_FILES)
+
+
 def setup(cfg) -> Run:
-    """build_run, then write the resolved config and resume from the newest complete checkpoint if any."""
+    """build_run, hold the run dir, resume from the newest good checkpoint if any, then write the config.
+
+    config.yaml is written only once the resume check has passed, so a refused config never replaces the
+    record of the run's checkpoints.
+    """
     storage = Storage(cfg.train.run_dir, dict(cfg.data.storage_options))
     run = build_run(cfg, storage)
-    if run.backend.rank == 0:
-        storage.makedirs()
-        storage.write_text("config.yaml", to_yaml(cfg))
-    restore_latest(run)
+    try:
+        hold_run_dir(run)
+        restore_latest(run)
+        if run.backend.rank == 0:
+            storage.write_text("config.yaml", to_yaml(cfg))
+    except BaseException:
+        release_run_dir(run)
+        run.loader.close()
+        raise
     return run
+
+
+def hold_run_dir(run: Run) -> None:
+    """Rank 0 takes the run dir's lease (refusing a live run) and removes partial checkpoints; all ranks agree."""
+    outcome = None
+    if run.backend.rank == 0:
+        run.storage.makedirs()
+        lease, removed = RunLease(run.storage, run.cfg.train.lease_timeout_s), []
+        try:
+            note = lease.acquire(when_free=lambda: removed.extend(run.ckpts.remove_partial()))
+        except Exception as e:
+            comm.broadcast_object(("error", str(e)))
+            raise
+        run.lease = lease
+        lease.start_heartbeat()
+        run.notes += [note] if note else []
+        if removed:
+            run.notes.append(f"removed {len(removed)} partial checkpoint(s) (saves cut short, never marked "
+                             f"complete): {', '.join(run.ckpts.url(s) for s in removed)}")
+    outcome = comm.broadcast_object(outcome)
+    if outcome is not None:  # only the other ranks get here with an error: rank 0 raised its own
+        raise RunDirError(outcome[1])
+
+
+def release_run_dir(run: Run) -> None:
+    if run.lease is not None:
+        run.lease.release()
+        run.lease = None
 
 
 def build_teacher(cfg, backend) -> EMATeacher | None:
@@ -122,17 +174,21 @@ def save_checkpoint(run: Run) -> str:
     finish_pending_save(run)
     loader_state = run.loader.state_dict(skips=data_skips(run))  # a collective: before rank 0 goes its own way
     step = run.step
-    url = run.ckpts.begin(step) if run.backend.rank == 0 else run.ckpts.url(step)
-    comm.barrier()
-    pending = run.backend.save(url, averaged_tensors(run), run.storage.storage_options,
-                               background=run.cfg.parallel.async_save)
-    if run.backend.rank == 0:
-        state = {"step": step, "images_seen": run.images_seen, "nonfinite_total": run.nonfinite_total,
-                 "nonfinite_run": run.nonfinite_run,
-                 "seed": run.cfg.train.seed, "world_size": run.backend.world_size,
-                 "loader": loader_state}
-        run.storage.write_bytes(f"{run.ckpts.name(step)}/trainer_state.pt", torch_bytes(state))
-        run.storage.write_text(f"{run.ckpts.name(step)}/config.yaml", to_yaml(run.cfg))
+    lost = comm.broadcast_object(run.lease.check() if run.lease is not None else None)
+    if lost:
+        raise RunDirBusy(f"{lost}; this run stops without writing checkpoint step {step}")
+    with out_of_space_as_error(run.storage.root, f"checkpoint step {step}"):
+        url = run.ckpts.begin(step) if run.backend.rank == 0 else run.ckpts.url(step)
+        comm.barrier()
+        pending = run.backend.save(url, averaged_tensors(run), run.storage.storage_options,
+                                   background=run.cfg.parallel.async_save)
+        if run.backend.rank == 0:
+            state = {"step": step, "images_seen": run.images_seen, "nonfinite_total": run.nonfinite_total,
+                     "nonfinite_run": run.nonfinite_run,
+                     "seed": run.cfg.train.seed, "world_size": run.backend.world_size,
+                     "loader": loader_state}
+            run.storage.write_bytes(f"{run.ckpts.name(step)}/trainer_state.pt", torch_bytes(state))
+            run.storage.write_text(f"{run.ckpts.name(step)}/config.yaml", to_yaml(run.cfg))
     run.pending_save = (step, pending, run.images_seen)
     if not run.cfg.parallel.async_save:
         finish_pending_save(run)
@@ -167,53 +223,54 @@ def finish_pending_save(run: Run) -> None:
     if run.pending_save is None:
         return
     (step, pending, images_seen), run.pending_save = run.pending_save, None
-    pending.wait()
+    with out_of_space_as_error(run.storage.root, f"checkpoint step {step}"):
+        pending.wait()
     comm.barrier()
+    problem = None
     if run.backend.rank == 0:
-        run.ckpts.commit(step, {"images_seen": images_seen})
-    comm.barrier()
-
-
-# What a resumed run must share with the run that wrote the checkpoint: these set the model, N(k), the
-# randomness and the data order. Everything else (logging, parallelism, batch per GPU) may change.
-RESUME_INVARIANTS = ("ict", "model", "train.total_steps", "train.batch_size", "train.seed", "data.source",
-                     "data.resolution", "data.num_classes", "data.drop_labels", "data.synthetic_seed")
-
-
-def check_resume_config(cfg, saved_yaml: str, ckpt_url: str) -> None:
-    """Refuse to continue a checkpoint under a config that would silently change the run."""
-    saved, defaults = OmegaConf.create(saved_yaml), OmegaConf.structured(Config)
-    diffs = []
-    for key in RESUME_INVARIANTS:
-        old, new = OmegaConf.select(saved, key), OmegaConf.select(cfg, key)
-        old = OmegaConf.to_container(old) if OmegaConf.is_config(old) else old
-        new = OmegaConf.to_container(new) if OmegaConf.is_config(new) else new
-        if isinstance(old, dict) and isinstance(new, dict):
-            # A key added to a section after the checkpoint was written (e.g. ict.teacher) reads as its
-            # default, which is what that run used: old checkpoints stay resumable.
-            old = {**OmegaConf.to_container(OmegaConf.select(defaults, key)), **old}
-        if old != new:
-            diffs.append(f"{key}: checkpoint {old!r}, now {new!r}")
-    if diffs:
-        raise ConfigError(f"cannot resume {ckpt_url}: the config changed ({'; '.join(diffs)}); set those values "
-                          f"back, or give this run a new train.run_dir")
+        try:
+            run.ckpts.commit(step, {"images_seen": images_seen})  # verifies every file first
+        except IncompleteCheckpoint as e:
+            problem = str(e)
+    problem = comm.broadcast_object(problem)  # also the barrier that keeps ranks from racing past the commit
+    if problem:
+        raise IncompleteCheckpoint(problem)
 
 
 def restore_latest(run: Run) -> bool:
-    """Resume from the newest complete checkpoint, if any (every rank reads the same one)."""
-    step = comm.broadcast_object(run.ckpts.latest())
+    """Resume from the newest good checkpoint, if any (every rank reads the same one).
+
+    A checkpoint marked complete that lacks a file is skipped with a note; the resume check (recipe and
+    data identity) runs before anything is loaded; the config's optimiser settings then replace the ones
+    the optimiser state brings back.
+    """
+    step = comm.broadcast_object(run.ckpts.newest_good(report=run.notes.append) if run.backend.rank == 0 else None)
     if step is None:
         return False
-    raw = run.storage.read_bytes(f"{run.ckpts.name(step)}/trainer_state.pt")
-    state = torch.load(io.BytesIO(raw), weights_only=True)
-    check_resume_config(run.cfg, run.storage.read_bytes(f"{run.ckpts.name(step)}/config.yaml").decode(),
-                        run.ckpts.url(step))
-    run.backend.load(run.ckpts.url(step), averaged_tensors(run), run.storage.storage_options)
+    name, url = run.ckpts.name(step), run.ckpts.url(step)
+    state = torch.load(io.BytesIO(run.storage.read_bytes(f"{name}/trainer_state.pt")), weights_only=True)
+    run.notes += check_resume_config(run.cfg, run.storage.read_bytes(f"{name}/config.yaml").decode(), url,
+                                     state["loader"].get("fingerprint"), getattr(run.loader, "fingerprint", None))
+    run.backend.load(url, averaged_tensors(run), run.storage.storage_options)
+    changed = apply_optim_settings(run.backend.optimizer_param_groups(), run.cfg.optim)
+    if changed:
+        run.notes.append(f"resuming with {'; '.join(changed)}: this config's values replace those restored "
+                         "from the checkpoint's optimiser state")
     run.step, run.images_seen = int(state["step"]), int(state["images_seen"])
     run.nonfinite_total = int(state["nonfinite_total"])
     run.nonfinite_run = int(state.get("nonfinite_run", 0))
     run.loader.load_state_dict(state["loader"])
     return True
+
+
+def run_complete_message(run: Run) -> str:
+    """What a re-run of a finished run says instead of training: that it is done, and where its outputs are."""
+    t, storage = run.cfg.train, run.storage
+    outputs = [storage.url(rel) for rel in ("samples/latest_1step.png", "samples/latest_2step.png", "metrics.jsonl")
+               if storage.exists(rel)]
+    return (f"run complete: {t.run_dir} has finished all {t.total_steps} steps (nothing to resume). Outputs: "
+            f"{', '.join(outputs)}; last checkpoint {run.ckpts.url(run.step)}. To train further, give a new "
+            f"train.run_dir (train.total_steps is part of the recipe: it sets the curriculum N(k))")
 
 
 def resolved(cfg) -> dict:

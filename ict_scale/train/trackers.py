@@ -8,7 +8,6 @@ Every tracker takes the same two calls, `scalars(record)` (one metrics.jsonl lin
 from __future__ import annotations
 
 import io
-import json
 import os
 import uuid
 
@@ -26,7 +25,7 @@ class JsonlLog:
         self.storage = storage
 
     def scalars(self, record: dict) -> None:
-        self.storage.append_line("metrics.jsonl", json.dumps(record))
+        self.storage.append_record("metrics.jsonl", record)  # strict JSON: non-finite values as null
 
     def image(self, tag: str, png: bytes, step: int) -> None:
         pass  # grids are files of their own in samples/
