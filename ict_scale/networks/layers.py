@@ -17,8 +17,13 @@ from torch import nn
 
 
 def group_norm(channels: int, eps: float) -> nn.GroupNorm:
-    """GroupNorm with 32 groups (both papers); fewer only when `channels` is not a multiple of 32."""
-    return nn.GroupNorm(num_groups=math.gcd(32, channels), num_channels=channels, eps=eps)
+    """GroupNorm with 32 groups (both papers), and at least 4 channels per group (score-SDE's and EDM's rule).
+
+    With one channel per group the norm would subtract each channel's own mean, and with it the per-channel
+    noise embedding that NCSN++ adds just before norm1: a narrow network (under 128 channels) would lose its
+    conditioning on sigma. The paper recipes (128 channels and more) always get 32 groups.
+    """
+    return nn.GroupNorm(num_groups=math.gcd(min(32, max(1, channels // 4)), channels), num_channels=channels, eps=eps)
 
 
 class ZeroConv2d(nn.Conv2d):

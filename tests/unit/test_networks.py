@@ -286,3 +286,19 @@ def test_registry_rejects_unknown_names_and_keys():
 def test_overrides_accept_lists():
     net = tiny("ncsnpp", channel_mult=[1, 2], attn_resolutions=[8])
     assert net(*inputs(net)).shape == (2, 3, 16, 16)
+
+
+def test_narrow_networks_keep_at_least_four_channels_per_group():
+    # One channel per group would remove NCSN++'s per-channel noise embedding (added just before norm1).
+    from ict_scale.networks.layers import group_norm
+    assert [group_norm(c, 1e-6).num_groups for c in (16, 32, 64, 96, 128, 256, 384)] == [4, 8, 16, 24, 32, 32, 32]
+    net = build_network("ncsnpp", model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(),
+                        img_resolution=8, dropout=0.0)
+    for m in net.modules():
+        if isinstance(m, torch.nn.Conv2d) and m.weight.abs().sum() == 0:  # give the zero-initialised layers weights
+            torch.nn.init.normal_(m.weight, std=0.1)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        a = net(x, torch.tensor([-1.0, -1.0]))
+        b = net(x, torch.tensor([1.0, 1.0]))
+    assert (a - b).abs().max() > 1e-3  # the output depends on the noise level through the blocks
