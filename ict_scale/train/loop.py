@@ -12,6 +12,7 @@ from .console import RunConsole
 from .grids import fixed_noise, grid_png, sample_images
 from .run import DivergenceError, Run, evaluate, finish_pending_save, log_record, save_checkpoint, setup
 from .signals import PreemptionFlag
+from .summary import end_of_run
 from .tensorboard import TensorBoard
 from .step import teacher_decay_for, train_step
 
@@ -88,10 +89,10 @@ def train(cfg) -> Run:
     console.print(f"ict_scale: {run.num_params:,} parameters, backend {run.backend.name} x{run.backend.world_size} "
                   f"on {run.backend.device}, "
                   f"{'resuming at' if run.step else 'starting at'} step {run.step}, run dir {t.run_dir}")
-    preempt, data_iter = PreemptionFlag(grace_s=cfg.parallel.preempt_grace_s), iter(run.loader)
+    preempt, data_iter = PreemptionFlag(grace_s=cfg.parallel.preempt_grace_s, announce=rank0), iter(run.loader)
     tb = TensorBoard(t.run_dir, enabled=rank0)
     start_step, window_loss, window_t, window_steps = run.step, 0.0, time.perf_counter(), 0
-    started = time.perf_counter()
+    started, last_record, stop = time.perf_counter(), None, False
     try:
         while run.step < t.total_steps:
             result, stop = optimise_step(run, next_micro_batches(run, data_iter), preempt)
@@ -102,13 +103,13 @@ def train(cfg) -> Run:
             if run.step % t.log_every == 0 or run.step == t.total_steps:
                 loss = comm.all_reduce_sum((window_loss / window_steps).to(torch.float64))
                 now = time.perf_counter()
-                record = {"step": run.step, "images_seen": run.images_seen,
-                          "loss": float(loss) / run.backend.world_size, "num_scales": result.num_scales,
-                          "grad_norm": float(result.grad_norm),
-                          "lr": run.backend.optimizer.param_groups[0]["lr"],
-                          "img_per_s": window_steps * t.batch_size / max(now - window_t, 1e-9),
-                          "seconds": now - started, "nonfinite_total": run.nonfinite_total,
-                          "data_skips": run.loader.skip_counts()}
+                record = last_record = {
+                    "step": run.step, "images_seen": run.images_seen,
+                    "loss": float(loss) / run.backend.world_size, "num_scales": result.num_scales,
+                    "grad_norm": float(result.grad_norm), "lr": run.backend.optimizer.param_groups[0]["lr"],
+                    "img_per_s": window_steps * t.batch_size / max(now - window_t, 1e-9),
+                    "seconds": now - started, "nonfinite_total": run.nonfinite_total,
+                    "data_skips": run.loader.skip_counts()}
                 log_record(run, record)
                 tb.scalars(record)
                 window_loss, window_t, window_steps = 0.0, now, 0
@@ -123,13 +124,15 @@ def train(cfg) -> Run:
                 result = evaluate(run)
                 console.print("  ".join(f"{k} {v:.3f}" for k, v in result.items() if k.startswith(("fid_", "fcd_"))))
             if done or stop:
-                if stop:
-                    console.print(f"preemption signal {preempt.signum}: checkpoint written at step {run.step}")
                 break
         finish_pending_save(run)
     finally:
-        preempt.cancel()
+        preempt.close()
         console.close()
         tb.close()
         run.loader.close()
+    if rank0:
+        for line in end_of_run(run, start_step, time.perf_counter() - started, last_record,
+                               preempt.signum if stop else None):
+            console.print(line)
     return run
