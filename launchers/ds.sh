@@ -16,10 +16,12 @@
 #   NUM_GPUS     processes per node (default: all visible GPUs; on a CPU-only machine set it)
 #   MASTER_PORT  rendezvous port on the first host (default 29500)
 #   PYTHON       interpreter with ict_scale and deepspeed installed (default python)
+#   DS_LOG_LEVEL the launcher's log level (default warning; info shows each command it runs)
 set -euo pipefail
 
 PYTHON=${PYTHON:-python}
-args=(--master_port "${MASTER_PORT:-29500}")
+# --log_level warning: the launcher's INFO lines (its command, world info, every spawned command line) bury the run's.
+args=(--master_port "${MASTER_PORT:-29500}" --log_level "${DS_LOG_LEVEL:-warning}")
 [[ -n "${HOSTFILE:-}" ]] && args+=(--hostfile "$HOSTFILE")
 [[ -n "${NUM_GPUS:-}" ]] && args+=(--num_gpus "$NUM_GPUS")
 export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}
