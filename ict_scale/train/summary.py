@@ -19,7 +19,8 @@ def end_of_run(run, start_step: int, wall_s: float, last_record: dict | None, st
         lines = [f"paused at {where} (train.max_steps_this_run={t.max_steps_this_run}); "
                  "run the same command to continue"]
     if run.step > start_step:
-        done = f"  this run: {run.step - start_step} steps, {(run.step - start_step) * t.batch_size:,} images " \
+        steps = run.step - start_step
+        done = f"  this run: {steps} step{'s' if steps > 1 else ''}, {steps * t.batch_size:,} images " \
                f"in {clock(wall_s)}; {run.images_seen:,} images since the start"
         if last_record is not None:
             done += f"; last loss {last_record['loss']:.5f} (step {last_record['step']})"
