@@ -132,7 +132,6 @@ def train(cfg) -> Run:
         tb.close()
         run.loader.close()
     if rank0:
-        for line in end_of_run(run, start_step, time.perf_counter() - started, last_record,
-                               preempt.signum if stop else None):
+        for line in end_of_run(run, start_step, time.perf_counter() - started, last_record, stop, preempt.signum):
             console.print(line)
     return run

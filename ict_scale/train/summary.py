@@ -6,15 +6,20 @@ import signal
 from .console import clock
 
 
-def end_of_run(run, start_step: int, wall_s: float, last_record: dict | None, stop_signum: int | None) -> list[str]:
-    """Lines for rank 0 to print once the loop has returned and the last checkpoint is complete."""
+def end_of_run(run, start_step: int, wall_s: float, last_record: dict | None, stopped: bool,
+               signum: int | None) -> list[str]:
+    """Lines for rank 0 to print once the loop has returned and the last checkpoint is complete.
+
+    `stopped`: every rank stopped for a signal; `signum`: the one this rank received, if any (another
+    rank's signal stops all of them).
+    """
     t = run.cfg.train
     where = f"step {run.step} of {t.total_steps}"
-    if stop_signum is not None:
-        why = "Ctrl-C" if stop_signum == signal.SIGINT else f"preemption signal {stop_signum}"
-        lines = [f"{why}: checkpoint written at {where}; run the same command to resume"]
-    elif run.step >= t.total_steps:
+    if run.step >= t.total_steps:
         lines = [f"run complete: {where}" + ("" if run.step > start_step else " (nothing left to train)")]
+    elif stopped:
+        why = {None: "a stop signal on another rank", signal.SIGINT: "Ctrl-C"}.get(signum, f"preemption signal {signum}")
+        lines = [f"{why}: checkpoint written at {where}; run the same command to resume"]
     else:
         lines = [f"paused at {where} (train.max_steps_this_run={t.max_steps_this_run}); "
                  "run the same command to continue"]
