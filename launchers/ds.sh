@@ -6,6 +6,9 @@
 #   deepspeed --hostfile hostfile launchers/ds.sh cifar10 parallel.deepspeed_config=configs/deepspeed/zero3.yaml
 #   HOSTFILE=hostfile bash launchers/ds.sh imagenet64
 #
+# The bash form runs the launcher with --log_level warning; in the first form, add `--log_level warning` after
+# `deepspeed` to drop the launcher's INFO lines (each command it runs, the world layout).
+#
 # The deepspeed launcher runs its script argument with python (`python -u launchers/ds.sh --local_rank=N ...`):
 # the Python part at the bottom then starts ict_scale.train on that rank. Run with bash, the script calls the
 # launcher itself as `deepspeed --module --no_local_rank ict_scale.train`. Either way parallel.backend=deepspeed
