@@ -134,7 +134,10 @@ def _forget_in_child() -> None:
     """A forked child (a DataLoader worker) inherits the handlers and the wakeup socket: the child's own
     signals must not count as the trainer's (two workers' Ctrl-C would read as a second Ctrl-C)."""
     if _installed is not None:
-        _installed._uninstall()  # no lock: another thread may have held it at the fork
+        try:
+            _installed._uninstall()  # no lock: another thread may have held it at the fork
+        except ValueError:  # forked from a thread other than the main one: the signal module refuses there
+            pass
 
 
 os.register_at_fork(after_in_child=_forget_in_child)
