@@ -37,7 +37,7 @@ def test_ctrl_c_checkpoints_the_current_step_and_the_same_command_resumes(tmp_pa
     [step] = complete_steps(run_dir)
     assert 3 <= step < 100000
     assert f"Ctrl-C: checkpoint written at step {step} of 100000; run the same command to resume" in stdout
-    resumed = subprocess.run([*cmd, "train.total_steps=100000", f"train.max_steps_this_run=2"], cwd=REPO,
+    resumed = subprocess.run([*cmd, "train.total_steps=100000", "train.max_steps_this_run=2"], cwd=REPO,
                              env=worker_env(), capture_output=True, text=True, timeout=120)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert started(resumed.stdout, "single", 1, step, run_dir)
