@@ -6,6 +6,9 @@
 #   deepspeed --hostfile hostfile launchers/ds.sh cifar10 parallel.deepspeed_config=configs/deepspeed/zero3.yaml
 #   HOSTFILE=hostfile bash launchers/ds.sh imagenet64
 #
+# The bash form runs the launcher with --log_level warning; in the first form, add `--log_level warning` after
+# `deepspeed` to drop the launcher's INFO lines (each command it runs, the world layout).
+#
 # The deepspeed launcher runs its script argument with python (`python -u launchers/ds.sh --local_rank=N ...`):
 # the Python part at the bottom then starts ict_scale.train on that rank. Run with bash, the script calls the
 # launcher itself as `deepspeed --module --no_local_rank ict_scale.train`. Either way parallel.backend=deepspeed
@@ -16,10 +19,12 @@
 #   NUM_GPUS     processes per node (default: all visible GPUs; on a CPU-only machine set it)
 #   MASTER_PORT  rendezvous port on the first host (default 29500)
 #   PYTHON       interpreter with ict_scale and deepspeed installed (default python)
+#   DS_LOG_LEVEL the launcher's log level (default warning; info shows each command it runs)
 set -euo pipefail
 
 PYTHON=${PYTHON:-python}
-args=(--master_port "${MASTER_PORT:-29500}")
+# --log_level warning: the launcher's INFO lines (its command, world info, every spawned command line) bury the run's.
+args=(--master_port "${MASTER_PORT:-29500}" --log_level "${DS_LOG_LEVEL:-warning}")
 [[ -n "${HOSTFILE:-}" ]] && args+=(--hostfile "$HOSTFILE")
 [[ -n "${NUM_GPUS:-}" ]] && args+=(--num_gpus "$NUM_GPUS")
 export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}

@@ -57,13 +57,14 @@ atexit.register(_kill_all_workers)
 
 
 def ignore_preemption_signals(_worker_id: int) -> None:
-    """Workers leave SIGTERM/SIGUSR1 to the trainer, which saves a checkpoint and then stops them.
+    """Workers leave SIGTERM/SIGUSR1/SIGINT to the trainer, which saves a checkpoint and then stops them.
 
-    Slurm, `timeout` and container runtimes signal the whole process group. A worker that died of the
-    signal would make the DataLoader raise in the trainer before it could write its preemption checkpoint.
-    The loader's shutdown kills a worker that is still alive after the DataLoader joined it.
+    Slurm, `timeout` and container runtimes signal the whole process group, and so do a terminal's Ctrl-C
+    and torchrun's shutdown of its workers. A worker that died of the signal would make the DataLoader raise
+    in the trainer before it could write its checkpoint. The loader's shutdown kills a worker that is still
+    alive after the DataLoader joined it.
     """
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
 
 

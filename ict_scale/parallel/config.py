@@ -16,4 +16,4 @@ class ParallelConfig:
     fsdp_cpu_offload: bool = False    # sharded params, grads and optimizer state in CPU memory (the step runs on CPU)
     deepspeed_config: str = "configs/deepspeed/zero2.yaml"  # DeepSpeed YAML/JSON: ZeRO stage, bf16/fp16 (not batch keys)
     async_save: bool = False          # write DCP checkpoints in the background (the COMMIT marker follows completion)
-    preempt_grace_s: float = 120.0    # after SIGTERM/SIGUSR1: seconds to finish the step and save before exiting regardless
+    preempt_grace_s: float = 120.0    # after SIGTERM/SIGUSR1/SIGINT: seconds to finish the step and save before exiting regardless

@@ -7,11 +7,19 @@ the unwrapped model, whatever the backend, so `load_ema` can always read it.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_state_dict)
 
 from .ckpt_files import SafeFileSystemReader, SafeFsspecReader
+
+# DCP warns on every save and load without a process group that it assumes a single process, even when
+# told so (no_dist=True). A single process is the smallest world here, not a mistake to point out.
+warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.distributed\.checkpoint\.",
+                        message=r"torch\.distributed is (disabled, )?unavailable or uninitialized, assuming the "
+                                r"intent is to (save|load) in a single process")
 
 _async_group = None  # a gloo group for background saves, so they never interleave with the step's collectives
 

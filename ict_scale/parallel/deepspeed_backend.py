@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 from typing import Callable
 
 import torch
@@ -49,6 +50,21 @@ def _skip_cpu_shm_build() -> None:
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
+def _drop_untested_optimizer(record) -> bool:
+    # ZeRO warns on every start that a client optimiser is "untested": the recipe's RAdam is used
+    # deliberately (zero_allow_untested_optimizer), and prepare() says so once itself.
+    return "untested optimizer" not in record.getMessage()
+
+
+def _quiet_deepspeed() -> None:
+    """Silence, narrowly, DeepSpeed's messages that say nothing about this run."""
+    from deepspeed.utils import logger
+    logger.addFilter(_drop_untested_optimizer)
+    # ZeRO gathers with torch's all_gather_into_tensor, which torch now marks deprecated: not ours to change.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+                            category=FutureWarning, module=r"torch\.distributed\.c10d_logger")
+
+
 class DeepSpeedBackend(DistributedBackend):
     name = "deepspeed"
 
@@ -56,6 +72,7 @@ class DeepSpeedBackend(DistributedBackend):
         super().__init__(cfg)  # our process group first; DeepSpeed adopts it
         import deepspeed
         _skip_cpu_shm_build()
+        _quiet_deepspeed()
         from deepspeed.accelerator import get_accelerator
         deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
         t = cfg.train
@@ -73,6 +90,9 @@ class DeepSpeedBackend(DistributedBackend):
         low_precision = compute_dtype(self.ds_config) != "fp32"
         init = {n: p.detach().clone() for n, p in module.named_parameters()} if low_precision else {}
         client_optimizer = None if "optimizer" in self.ds_config else make_optimizer(params)
+        if client_optimizer is not None and self.zero_stage > 0 and self.rank == 0:
+            print(f"deepspeed: ZeRO-{self.zero_stage} with the recipe's torch.optim.{type(client_optimizer).__name__} "
+                  "(deliberately: DeepSpeed calls any optimiser but its own untested)", flush=True)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=module, optimizer=client_optimizer,
                                                                  model_parameters=params, config=self.ds_config)
         self.model, self.module = self.engine, self.engine.module

@@ -29,14 +29,14 @@ class NCSNppUNet(ModelMixin, ConfigMixin):
                  num_class_embeds: int | None = None, model_channels: int = 128, channel_mult=(2, 2, 2),
                  channel_mult_emb: int = 4, channel_mult_noise: int = 2, num_blocks: int = 4,
                  attn_resolutions=(16,), dropout: float = 0.0, fourier_scale: float = 0.02,
-                 fir_kernel=(1, 3, 3, 1), eps: float = 1e-6):
+                 fir_kernel=(1, 3, 3, 1), eps: float = 1e-6, fp32_conditioning: bool = True):
         super().__init__()
         self.net = NCSNpp(img_resolution=sample_size, in_channels=in_channels, out_channels=out_channels,
                           label_dim=num_class_embeds or 0, model_channels=model_channels,
                           channel_mult=tuple(channel_mult), channel_mult_emb=channel_mult_emb,
                           channel_mult_noise=channel_mult_noise, num_blocks=num_blocks,
                           attn_resolutions=tuple(attn_resolutions), dropout=dropout, fourier_scale=fourier_scale,
-                          fir_kernel=tuple(fir_kernel), eps=eps)
+                          fir_kernel=tuple(fir_kernel), eps=eps, fp32_conditioning=fp32_conditioning)
 
     @classmethod
     def from_network_args(cls, kwargs: dict) -> "NCSNppUNet":

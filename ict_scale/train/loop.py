@@ -13,6 +13,7 @@ from .grids import fixed_noise, grid_png, sample_images
 from .run import (DivergenceError, Run, data_skips, evaluate, finish_pending_save, release_run_dir,
                   run_complete_message, save_checkpoint, setup)
 from .signals import PreemptionFlag
+from .summary import end_of_run
 from .step import teacher_decay_for, train_step
 from .trackers import Trackers, build_trackers
 
@@ -99,10 +100,10 @@ def train(cfg) -> Run:
     console.print(f"ict_scale: {run.num_params:,} parameters, backend {run.backend.name} x{run.backend.world_size} "
                   f"on {run.backend.device}, "
                   f"{'resuming at' if run.step else 'starting at'} step {run.step}, run dir {t.run_dir}")
-    preempt, data_iter = PreemptionFlag(grace_s=cfg.parallel.preempt_grace_s), iter(run.loader)
+    preempt, data_iter = PreemptionFlag(grace_s=cfg.parallel.preempt_grace_s, announce=rank0), iter(run.loader)
     trackers = build_trackers(cfg, run.storage, enabled=rank0)
     start_step, window_loss, window_t, window_steps = run.step, 0.0, time.perf_counter(), 0
-    started = time.perf_counter()
+    started, last_record, stop = time.perf_counter(), None, False
     try:
         while run.step < t.total_steps:
             result, stop = optimise_step(run, next_micro_batches(run, data_iter), preempt)
@@ -113,13 +114,13 @@ def train(cfg) -> Run:
             if run.step % t.log_every == 0 or run.step == t.total_steps:
                 loss = comm.all_reduce_sum((window_loss / window_steps).to(torch.float64))
                 now = time.perf_counter()
-                record = {"step": run.step, "images_seen": run.images_seen,
-                          "loss": float(loss) / run.backend.world_size, "num_scales": result.num_scales,
-                          "grad_norm": float(result.grad_norm),
-                          "lr": run.backend.optimizer.param_groups[0]["lr"],
-                          "img_per_s": window_steps * t.batch_size / max(now - window_t, 1e-9),
-                          "seconds": now - started, "nonfinite_total": run.nonfinite_total,
-                          "data_skips": data_skips(run)}
+                record = last_record = {
+                    "step": run.step, "images_seen": run.images_seen,
+                    "loss": float(loss) / run.backend.world_size, "num_scales": result.num_scales,
+                    "grad_norm": float(result.grad_norm), "lr": run.backend.optimizer.param_groups[0]["lr"],
+                    "img_per_s": window_steps * t.batch_size / max(now - window_t, 1e-9),
+                    "seconds": now - started, "nonfinite_total": run.nonfinite_total,
+                    "data_skips": data_skips(run)}
                 trackers.scalars(record)
                 window_loss, window_t, window_steps = 0.0, now, 0
             console.update(run.step, record)
@@ -133,14 +134,15 @@ def train(cfg) -> Run:
                 result = evaluate(run)
                 console.print("  ".join(f"{k} {v:.3f}" for k, v in result.items() if k.startswith(("fid_", "fcd_"))))
             if done or stop:
-                if stop:
-                    console.print(f"preemption signal {preempt.signum}: checkpoint written at step {run.step}")
                 break
         finish_pending_save(run)
     finally:
-        preempt.cancel()
+        preempt.close()
         console.close()
         trackers.close()
         run.loader.close()
         release_run_dir(run)
+    if rank0:
+        for line in end_of_run(run, start_step, time.perf_counter() - started, last_record, stop, preempt.signum):
+            console.print(line)
     return run

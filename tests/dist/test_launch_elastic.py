@@ -6,11 +6,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
-from workers.harness import REPO, TINY, checkpoint, free_port, metrics, run_ok, started, torchrun_cmd, worker_env
+from workers.harness import (REPO, TINY, checkpoint, free_port, metrics, run_ok, started, torchrun_cmd, wait_for_steps,
+                             worker_env)
 
 pytestmark = pytest.mark.dist
 
@@ -44,19 +44,6 @@ def test_a_rank_killed_mid_checkpoint_is_restarted_by_torchrun_and_resumes_the_l
     assert sorted(first) == [1, 2, 3, 4, 5, 6] and sorted(second) == [4, 5, 6, 7]
     for step in (4, 5, 6):  # the restarted group recomputes exactly what the first attempt computed
         assert second[step] == pytest.approx(first[step], rel=1e-7)
-
-
-def wait_for_steps(run_dir: str, proc: subprocess.Popen, steps: int, timeout_s: float = 180) -> None:
-    deadline = time.monotonic() + timeout_s
-    path = os.path.join(run_dir, "metrics.jsonl")
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"training ended early:\n{proc.stderr.read()[-3000:]}")
-        if os.path.exists(path) and len(open(path).read().splitlines()) >= steps:
-            return
-        time.sleep(0.2)
-    proc.kill()
-    pytest.fail(f"no {steps} logged steps within {timeout_s} s")
 
 
 def test_sigterm_to_torchrun_makes_every_rank_checkpoint_the_same_step_and_exit(tmp_path):

@@ -71,7 +71,7 @@ def test_preemption_grace_period_ends_a_stuck_process():
 
 
 def test_preemption_grace_timer_is_cancelled_once_the_run_returns():
-    code = PREEMPTED.format(grace=0.5, after="flag.cancel(); time.sleep(1.0); print('clean')")
+    code = PREEMPTED.format(grace=0.5, after="flag.close(); time.sleep(1.0); print('clean')")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=worker_env(), capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 0 and done.stdout.split() == ["flagged", "clean"]

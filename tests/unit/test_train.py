@@ -1,6 +1,7 @@
 """The training loop end to end on CPU: resume equality, divergence guard, run directory contents."""
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -88,6 +89,28 @@ def test_run_directory_contents(tmp_path):
         assert (run_dir / "samples" / name).stat().st_size > 0
     ckpts = CheckpointManager(Storage(str(run_dir)), keep_last=2)
     assert ckpts.complete_steps() == [3, 4]  # keep-last-2 pruned steps 1 and 2
+
+
+def test_plain_output_has_total_steps_and_eta_and_the_run_ends_with_a_summary(tmp_path, capsys):
+    """Output redirected (not a terminal): one plain line per log step, then where everything is."""
+    run_dir = tmp_path / "run"
+    train(tiny_cfg(run_dir, "train.total_steps=4", "train.log_every=2", "train.grid_every=2", "train.ckpt_every=2",
+                   "train.max_steps_this_run=2"))
+    out = capsys.readouterr().out
+    assert re.findall(r"^step +(\d+)/4  loss .* (\d+:\d\d:\d\d)  ETA (\d+:\d\d:\d\d)$", out, re.M)[0][0] == "2"
+    assert "paused at step 2 of 4 (train.max_steps_this_run=2); run the same command to continue" in out
+    train(tiny_cfg(run_dir, "train.total_steps=4", "train.log_every=2", "train.grid_every=2", "train.ckpt_every=2"))
+    out = capsys.readouterr().out
+    assert re.search(r"^step +4/4  loss .*  ETA 0:00:00$", out, re.M), out
+    assert re.search(r"^run complete: step 4 of 4\n  this run: 2 steps, 16 images in \d+:\d\d:\d\d; 32 images "
+                     r"since the start; last loss \d+\.\d{5} \(step 4\)$", out, re.M), out
+    for line in (f"  sample grids: {run_dir}/samples/latest_1step.png and latest_2step.png",
+                 f"  metrics: {run_dir}/metrics.jsonl", f"  last checkpoint: {run_dir}/checkpoints/step_000000004"):
+        assert line in out.splitlines()
+    train(tiny_cfg(run_dir, "train.total_steps=4"))  # the same command once more: nothing to do, and it says so
+    out = capsys.readouterr().out
+    assert "run complete: step 4 of 4 (nothing left to train)" in out
+    assert f"  last checkpoint: {run_dir}/checkpoints/step_000000004" in out.splitlines()
 
 
 def test_incomplete_checkpoint_is_never_resumed(tmp_path):

@@ -7,6 +7,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -112,3 +113,17 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_for_steps(run_dir: str, proc: subprocess.Popen, steps: int, timeout_s: float = 180) -> None:
+    """Wait until the run in `proc` has logged `steps` steps (log_every=1)."""
+    deadline = time.monotonic() + timeout_s
+    path = os.path.join(run_dir, "metrics.jsonl")
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"training ended early:\n{proc.stderr.read()[-3000:] if proc.stderr else ''}")
+        if os.path.exists(path) and len(open(path).read().splitlines()) >= steps:
+            return
+        time.sleep(0.2)
+    proc.kill()
+    pytest.fail(f"no {steps} logged steps within {timeout_s} s")

@@ -6,11 +6,15 @@ a JSON list of override lists (the process start, the imports and the rendezvous
 ICT_TEST_DIE_IN_SAVE=STEP:RANK (first attempt only, i.e. TORCHELASTIC_RESTART_COUNT=0) kills that rank
 with SIGKILL right after it wrote its shards of checkpoint STEP, before the COMMIT marker: a crash in
 the middle of a checkpoint, to be survived by torchrun's restart and auto-resume.
+
+ICT_TEST_SLOW_SAVE=SECONDS makes every checkpoint save sleep that long first: a save still running
+when a second Ctrl-C comes.
 """
 import json
 import os
 import signal
 import sys
+import time
 
 import torch.distributed as dist
 
@@ -32,10 +36,22 @@ def die_in_save(step: int, rank: int) -> None:
     Backend.save = save
 
 
+def slow_save(seconds: float) -> None:
+    real_save = Backend.save
+
+    def save(self, *args, **kwargs):
+        time.sleep(seconds)
+        return real_save(self, *args, **kwargs)
+
+    Backend.save = save
+
+
 def main() -> None:
     spec = os.environ.get("ICT_TEST_DIE_IN_SAVE")
     if spec and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
         die_in_save(*map(int, spec.split(":")))
+    if os.environ.get("ICT_TEST_SLOW_SAVE"):
+        slow_save(float(os.environ["ICT_TEST_SLOW_SAVE"]))
     if sys.argv[1:2] == ["--runs"]:
         with open(sys.argv[2]) as f:
             runs = json.load(f)
