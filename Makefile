@@ -39,7 +39,6 @@ install: $(VENV)/.installed
 
 demo: install
 	$(PY) -m ict_scale.train configs/demo.yaml
-	@echo "Sample grids: runs/demo/samples/latest_1step.png and latest_2step.png (metrics in runs/demo/metrics.jsonl)"
 
 test: install
 	bash tests/run.sh $(PY) $(PYTEST_ARGS)
