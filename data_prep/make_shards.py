@@ -27,7 +27,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from data_prep import datasets
 from data_prep.shard_writer import ShardJob, build_shard
+from ict_scale import cli
 from ict_scale.data import storage
+from ict_scale.errors import UserError
 from ict_scale.data.manifest import MANIFEST_NAME, SHARD_PATTERN, Manifest, ShardEntry
 from ict_scale.data.order import derive_seed, seeded_permutation
 
@@ -179,7 +181,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     args.prefix = args.prefix or args.split
     options = json.loads(args.storage_options)
-    source = open_source(args)
+    try:
+        source = open_source(args)
+    except (ValueError, OSError) as e:  # the source is not what --dataset reads; the message names the file
+        plain_os_error = isinstance(e, OSError) and e.filename and e.strerror
+        raise UserError(f"{e.filename}: {e.strerror}" if plain_os_error else str(e)) from e
     settings = build_settings(args, source)
     names = stored_names(args.out, options)
     previous = {} if args.overwrite else previous_entries(args.out, options, settings, names)
@@ -220,4 +226,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -7,6 +7,7 @@ import sys
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
+from ict_scale import cli
 from ict_scale.config import to_yaml
 from ict_scale.train.export import load_ema_model
 
@@ -27,4 +28,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import torch
 
+from ict_scale import cli
 from ict_scale.train.export import load_ema_model
 from ict_scale.train.grids import grid_png, sample_images
 
@@ -47,4 +48,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .adm import ADM
+from .adm import ADM, attention_channels
 from .ncsnpp import NCSNpp
 
 
@@ -60,15 +60,30 @@ def _as_tuple(value):
     return tuple(value) if isinstance(value, list) else value
 
 
-def build_network(name: str, **overrides) -> nn.Module:
-    """Build registered network `name` with its recipe, any constructor argument overridden by keyword."""
+def _arguments(name: str, overrides: dict) -> dict:
+    """The constructor arguments of network `name`: its recipe, any of them overridden by keyword."""
     spec = _spec(name)
     valid = sorted(p for p in inspect.signature(spec.cls.__init__).parameters if p != "self")
     unknown = sorted(set(overrides) - set(valid))
     if unknown:
         raise ValueError(f"unknown override(s) {unknown} for network {name!r}; valid keys: {valid}")
-    kwargs = {k: _as_tuple(v) for k, v in {**spec.defaults, **overrides}.items()}
-    return spec.cls(**kwargs)
+    return {k: _as_tuple(v) for k, v in {**spec.defaults, **overrides}.items()}
+
+
+def build_network(name: str, **overrides) -> nn.Module:
+    """Build registered network `name` with its recipe, any constructor argument overridden by keyword."""
+    return _spec(name).cls(**_arguments(name, overrides))
+
+
+def attention_mismatches(name: str, img_resolution: int, **overrides) -> list[tuple[int, int, int, int]]:
+    """(level, resolution, channels, head_channels) of each attention layer of network `name` whose channels
+    do not split into whole heads; checkable before any weight exists. NCSN++ has one head over all channels."""
+    args = _arguments(name, {**overrides, "img_resolution": img_resolution})
+    if _spec(name).cls is not ADM:
+        return []
+    head = args["head_channels"]
+    return [(level, res, ch, head) for level, res, ch in attention_channels(
+        img_resolution, args["model_channels"], args["channel_mult"], args["attn_resolutions"]) if ch % head]
 
 
 def network_c_noise(name: str) -> Callable[[torch.Tensor], torch.Tensor]:

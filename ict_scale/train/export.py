@@ -8,9 +8,14 @@ from omegaconf import OmegaConf
 
 from ict_scale.checkpoint import COMMIT, CheckpointManager, Storage
 from ict_scale.config import load_config
+from ict_scale.errors import UserError
 from ict_scale.parallel import dcp_io
 
 from .model import build_model
+
+
+class CheckpointNotFound(UserError, FileNotFoundError):
+    """No complete checkpoint where the command line points."""
 
 
 def resolve_checkpoint(path: str, storage_options: dict | None = None) -> str:
@@ -20,10 +25,10 @@ def resolve_checkpoint(path: str, storage_options: dict | None = None) -> str:
     if storage.exists(COMMIT):
         return path
     if storage.exists("trainer_state.pt"):
-        raise FileNotFoundError(f"{path} is an incomplete checkpoint (no {COMMIT} marker): its save was interrupted")
+        raise CheckpointNotFound(f"{path} is an incomplete checkpoint (no {COMMIT} marker): its save was interrupted")
     step = CheckpointManager(storage).latest()
     if step is None:
-        raise FileNotFoundError(f"no complete checkpoint under {path}/checkpoints (expected step_*/{COMMIT})")
+        raise CheckpointNotFound(f"no complete checkpoint under {path}/checkpoints (expected step_*/{COMMIT})")
     return CheckpointManager(storage).url(step)
 
 
