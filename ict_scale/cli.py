@@ -19,8 +19,9 @@ from ict_scale.errors import UserError
 
 USER_ERROR_EXIT = 2  # as argparse uses for a bad command line: 1 stays the status of a crash
 DEBUG_ENV = "ICT_DEBUG"
-# Other ranks wait this long before exiting, so that rank 0 prints its line before torchrun stops the group.
-PEER_EXIT_DELAY_S = 2.0
+# Other ranks wait this long before exiting, so that rank 0 prints its line before torchrun stops the group
+# (ranks reach a config check seconds apart on a loaded machine; when rank 0 fails too, torchrun ends the wait).
+PEER_EXIT_DELAY_S = 5.0
 
 
 def debugging() -> bool:
@@ -58,10 +59,11 @@ def fail(message: str) -> int:
     return USER_ERROR_EXIT
 
 
-def run(main: Callable[[], int]) -> int:
-    """Call `main()`; a UserError escaping it becomes one line (see the module docstring)."""
+def run(main: Callable[..., int], argv: list[str] | None = None) -> int:
+    """Call `main(argv)` (None: the process's arguments); a UserError escaping it becomes one line (see the
+    module docstring)."""
     try:
-        return main()
+        return main(argv)
     except UserError as e:
         if debugging():
             raise
