@@ -130,7 +130,8 @@ def read_bytes(url: str, storage_options: Mapping | None = None, *, allow_pipe: 
             last = e
             if attempt + 1 < retries:
                 time.sleep(backoff_s * 2 ** attempt)
-    raise StorageError(f"{url}: giving up after {retries} attempts ({describe(last)})") from last
+    attempts = f"{retries} attempts" if retries > 1 else "1 attempt"
+    raise StorageError(f"{url}: giving up after {attempts} ({describe(last)})") from last
 
 
 def list_sizes(dir_url: str, storage_options: Mapping | None = None) -> dict[str, int]:
