@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 from typing import Callable
@@ -30,7 +31,12 @@ def debugging() -> bool:
 
 def one_line(e: BaseException) -> str:
     """The message of `e` on one line (a library's multi-line text is joined, not dropped)."""
-    return " ".join(part.strip() for part in str(e).splitlines() if part.strip()) or type(e).__name__
+    lines = [part.strip() for part in str(e).splitlines() if part.strip()]
+    if any(line.startswith("Original Traceback") for line in lines):
+        # Re-raised by torch from a DataLoader worker: "Caught X in DataLoader worker process N. Original
+        # Traceback ... pkg.X: message"; the message is the last line.
+        lines = [re.sub(r"^[\w.]+: ", "", lines[-1], count=1)]
+    return " ".join(lines) or type(e).__name__
 
 
 def record_for_launcher(message: str) -> None:

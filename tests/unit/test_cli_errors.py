@@ -81,6 +81,17 @@ def test_missing_manifest_and_shard_folder(tmp_path, capsys):
     assert f"{tmp_path}/absent: not found" in line
 
 
+def test_shard_missing_when_a_loader_worker_reads_it(tmp_path, shards, capsys):
+    import shutil
+    copy = shutil.copytree(shards, str(tmp_path / "shards"))
+    os.remove(os.path.join(copy, "train-000001.tar"))
+    # No start-up listing: the error is raised in a DataLoader worker and re-raised by torch in this process,
+    # with the worker's traceback inside its message.
+    line = train_error_here(capsys, tmp_path, f"data.source={copy}", "data.check_shards=false",
+                            "data.num_workers=1", "data.io_retries=1", "train.batch_size=64", "train.batch_per_gpu=64")
+    assert line.startswith(f"error: {copy}/train-000001.tar: cannot read (FileNotFoundError: "), line
+
+
 def test_truncated_shard_is_named(tmp_path, shards, capsys):
     import shutil
     copy = shutil.copytree(shards, str(tmp_path / "shards"))
