@@ -8,6 +8,8 @@ from omegaconf import OmegaConf
 
 from ict_scale.checkpoint import COMMIT, CheckpointManager, Storage
 from ict_scale.config import load_config
+from ict_scale.data import StorageError
+from ict_scale.data import storage as data_storage
 from ict_scale.errors import UserError
 from ict_scale.parallel import dcp_io
 
@@ -34,7 +36,12 @@ def resolve_checkpoint(path: str, storage_options: dict | None = None) -> str:
 
 def load_ema_model(path: str, device="cpu", storage_options: dict | None = None):
     """(ConsistencyModel in eval mode with EMA weights, resolved config, checkpoint URL)."""
-    ckpt = resolve_checkpoint(path, storage_options)
+    try:
+        ckpt = resolve_checkpoint(path, storage_options)
+    except UserError:
+        raise
+    except Exception as e:  # nothing but storage access above: no credentials, no endpoint, bad options
+        raise StorageError(f"{path}: {data_storage.describe(e)}") from e
     store = Storage(ckpt, storage_options)
     cfg_file = io.StringIO(store.read_bytes("config.yaml").decode())
     cfg = load_config([], [])

@@ -106,6 +106,8 @@ def test_s3_without_credentials_names_the_url(tmp_path):
     assert "AWS_ACCESS_KEY_ID" in line
     line = train_error(tmp_path, "train.run_dir=s3://bucket/runs/one")  # synthetic data: the run dir fails
     assert line.startswith("error: train.run_dir=s3://bucket/runs/one: no credentials")
+    line = one_error_line("ict_scale.sample", "s3://bucket/runs/one", "--out", str(tmp_path / "x"))
+    assert line.startswith("error: s3://bucket/runs/one: no credentials")
 
 
 def test_unreachable_endpoint_fails_fast(tmp_path):
