@@ -152,7 +152,7 @@ def check_model(cfg) -> None:
                  if getattr(m, k) is not None}
     try:
         bad = attention_mismatches(m.name, cfg.data.resolution, **overrides)
-    except ValueError as e:  # an argument this network does not take, e.g. head_channels for ncsnpp
+    except ValueError as e:  # levels that do not fit the resolution, or attn_resolutions that match no level
         raise ConfigError(f"model.name={m.name}: {e}") from None
     if bad:
         level, resolution, channels, head = bad[0]
