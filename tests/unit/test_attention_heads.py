@@ -10,8 +10,8 @@ from ict_scale.networks import attention_mismatches, build_network
 from ict_scale.train.run import accumulation_steps
 
 
-@pytest.mark.parametrize("model_channels, channel_mult, attn_resolutions, head_channels", itertools.product(
-    (32, 48, 64), ((1, 2), (1, 3), (2, 3)), ((), (8,), (4,)), (16, 64)))
+@pytest.mark.parametrize("model_channels, channel_mult, attn_resolutions, head_channels", list(itertools.product(
+    (32, 48, 64), ((1, 2), (1, 3), (2, 3)), ((), (8,), (4,)), (16, 64))))
 def test_mismatches_predict_build_failures(model_channels, channel_mult, attn_resolutions, head_channels):
     args = dict(model_channels=model_channels, channel_mult=channel_mult, attn_resolutions=attn_resolutions,
                 head_channels=head_channels)
