@@ -29,9 +29,9 @@ from data_prep import datasets
 from data_prep.shard_writer import ShardJob, build_shard
 from ict_scale import cli
 from ict_scale.data import storage
-from ict_scale.errors import UserError
 from ict_scale.data.manifest import MANIFEST_NAME, SHARD_PATTERN, Manifest, ShardEntry
 from ict_scale.data.order import derive_seed, seeded_permutation
+from ict_scale.errors import UserError
 
 PARTIAL_NAME = "manifest.partial.json"
 CLASSES_NAME = "classes.json"
