@@ -37,6 +37,14 @@ PARTIAL_NAME = "manifest.partial.json"
 CLASSES_NAME = "classes.json"
 
 
+class SourceError(UserError, ValueError):
+    """--src holds something other than what --dataset reads (the message names the file)."""
+
+
+class SourceMissing(UserError, FileNotFoundError):
+    """--src, or a file it needs, is absent or unreadable."""
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m data_prep.make_shards", description=__doc__.split("\n")[0])
     p.add_argument("--dataset", required=True, choices=["cifar10", "imagenet64", "folder", "synthetic"])
@@ -183,9 +191,10 @@ def main(argv=None) -> int:
     options = json.loads(args.storage_options)
     try:
         source = open_source(args)
-    except (ValueError, OSError) as e:  # the source is not what --dataset reads; the message names the file
-        plain_os_error = isinstance(e, OSError) and e.filename and e.strerror
-        raise UserError(f"{e.filename}: {e.strerror}" if plain_os_error else str(e)) from e
+    except ValueError as e:  # the source is not what --dataset reads; the message names the file
+        raise SourceError(str(e)) from e
+    except OSError as e:
+        raise SourceMissing(f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e)) from e
     settings = build_settings(args, source)
     names = stored_names(args.out, options)
     previous = {} if args.overwrite else previous_entries(args.out, options, settings, names)
