@@ -27,9 +27,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from data_prep import datasets
 from data_prep.shard_writer import ShardJob, build_shard
+from ict_scale import cli
 from ict_scale.data import storage
 from ict_scale.data.manifest import MANIFEST_NAME, SHARD_PATTERN, Manifest, ShardEntry
 from ict_scale.data.order import derive_seed, seeded_permutation
+from ict_scale.errors import UserError
 
 PARTIAL_NAME = "manifest.partial.json"
 CLASSES_NAME = "classes.json"
@@ -51,6 +53,14 @@ def default_workers(num_samples: int, num_shards: int, cpus: int) -> int:
 def available_cpus() -> int:
     """CPUs this process may run on (a container or taskset may allow fewer than the machine has)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+class SourceError(UserError, ValueError):
+    """--src holds something other than what --dataset reads (the message names the file)."""
+
+
+class SourceMissing(UserError, FileNotFoundError):
+    """--src, or a file it needs, is absent or unreadable."""
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -204,7 +214,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     args.prefix = args.prefix or args.split
     options = json.loads(args.storage_options)
-    source = open_source(args)
+    try:
+        source = open_source(args)
+    except ValueError as e:  # the source is not what --dataset reads; the message names the file
+        raise SourceError(str(e)) from e
+    except OSError as e:
+        raise SourceMissing(f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e)) from e
     settings = build_settings(args, source)
     names = stored_names(args.out, options)
     previous = {} if args.overwrite else previous_entries(args.out, options, settings, names)
@@ -247,4 +262,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -16,6 +16,8 @@ import json
 import re
 import sys
 
+from ict_scale import cli
+from ict_scale.errors import ConfigError
 from ict_scale.eval import FEATURE_EXTRACTORS, EvalConfig, FIDEvaluator, build_features, sample_spec
 from ict_scale.eval.runtime import init_distributed, sampling_autocast, shutdown_distributed
 from ict_scale.parallel import comm
@@ -88,9 +90,9 @@ def main(argv=None) -> int:
             raise SystemExit(f"error: {e}") from None
         cfg = eval_config(run_cfg.eval, args)
         if not cfg.ref:
-            raise SystemExit("error: no reference statistics: pass --ref or set eval.ref in the run config")
+            raise ConfigError("no reference statistics: pass --ref or set eval.ref in the run config")
         if args.random_inception is not None and cfg.features != "inception":
-            raise SystemExit("error: --random-inception applies to --features inception only")
+            raise ConfigError("--random-inception applies to --features inception only")
         features = None if args.random_inception is None else \
             build_features(cfg, device, random_inception=args.random_inception)
         evaluator = FIDEvaluator(cfg, device, features=features)
@@ -113,4 +115,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -12,6 +12,7 @@ import sys
 
 from safetensors.torch import save_file
 
+from ict_scale import cli
 from ict_scale.config import to_yaml
 from ict_scale.train.export import load_ema_model
 from ict_scale.train.model import network_args
@@ -61,4 +62,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

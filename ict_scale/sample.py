@@ -12,6 +12,7 @@ import sys
 import numpy as np
 import torch
 
+from ict_scale import cli
 from ict_scale.train.export import load_ema_model
 from ict_scale.train.grids import grid_png, sample_images
 
@@ -53,4 +54,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

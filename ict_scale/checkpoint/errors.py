@@ -6,8 +6,10 @@ import errno
 import os
 import shutil
 
+from ict_scale.errors import UserError
 
-class RunDirError(RuntimeError):
+
+class RunDirError(UserError, RuntimeError):
     """The run directory cannot be used as asked (busy, full, or holding an unusable checkpoint)."""
 
 

@@ -10,6 +10,8 @@ from typing import Iterable
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from ict_scale.errors import ConfigError
+
 from .schema import Config
 
 _ENUMS = {
@@ -21,10 +23,6 @@ _ENUMS = {
     "train.precision": ("auto", "bf16", "fp32"),
     "parallel.backend": ("single", "ddp", "fsdp", "deepspeed"),
 }
-
-
-class ConfigError(ValueError):
-    """A configuration value or key that the schema does not accept."""
 
 
 def _is_section(node) -> bool:
@@ -60,13 +58,21 @@ def _check_keys(schema, values, source: str, prefix: str = "") -> None:
             _check_keys(sub, value, source, path + ".")
 
 
+# What a free-form mapping key expects, for the error when it gets something else.
+_MAPPING_EXAMPLES = {"data.storage_options": "data.storage_options='{client_kwargs: {endpoint_url: http://host:9000}}'"}
+
+
 def _merge(base, values: dict, source: str):
     _check_keys(base, values, source)
     try:
         return OmegaConf.merge(base, values)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or "?"
-        raise ConfigError(f"{source}: bad value for '{key}': {e.msg if hasattr(e, 'msg') else e}") from None
+        if key in _MAPPING_EXAMPLES:
+            raise ConfigError(f"{source}: '{key}' must be a mapping, e.g. {_MAPPING_EXAMPLES[key]}") from None
+        # OmegaConf's message continues with lines of its internals (full_key, object_type): keep the first.
+        first = str(e.msg if hasattr(e, "msg") else e).strip().splitlines()[0]
+        raise ConfigError(f"{source}: bad value for '{key}': {first}") from None
 
 
 def _parse_override(item: str) -> dict:
@@ -91,14 +97,23 @@ def _yaml_scalar(raw: str):
         return raw
 
 
+def _read_yaml(path: str):
+    import yaml  # a dependency of omegaconf, whose loader raises yaml's errors
+    try:
+        return OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else path
+        raise ConfigError(f"{where}: YAML syntax error: {getattr(e, 'problem', None) or e}") from None
+
+
 def load_config(paths: Iterable[str] = (), overrides: Iterable[str] = ()) -> Config:
     """Merge YAML files then overrides over the schema defaults; validate enums and cross-field rules."""
     cfg = OmegaConf.structured(Config)
     for path in paths:
-        try:
-            values = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
+        values = _read_yaml(path)
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(values).__name__}")
         cfg = _merge(cfg, values, path)
@@ -124,6 +139,7 @@ def _validate(cfg) -> None:
         raise ConfigError(f"need 0 < ict.sigma_min < ict.sigma_max; got {cfg.ict.sigma_min}, {cfg.ict.sigma_max}")
     check_teacher(cfg)
     check_loggers(cfg)
+    check_model(cfg)
 
 
 LOGGERS = ("jsonl", "tensorboard", "wandb")  # the trackers of ict_scale.train.trackers
@@ -137,6 +153,29 @@ def check_loggers(cfg) -> None:
     if "wandb" in cfg.train.loggers and importlib.util.find_spec("wandb") is None:
         raise ConfigError("'train.loggers' includes wandb, but the wandb package is not installed "
                           "(pip install -e '.[wandb]')")
+
+
+def check_model(cfg) -> None:
+    """A registered network whose attention layers split into whole heads (caught here, not at model build)."""
+    from ict_scale.networks import NETWORKS, attention_mismatches  # torch, only once a config is validated
+    if cfg.model.name not in NETWORKS:
+        raise ConfigError(f"'model.name' must be one of {', '.join(sorted(NETWORKS))}; got {cfg.model.name!r}")
+    m = cfg.model
+    if m.head_channels is not None and "head_channels" not in NETWORKS[m.name].defaults:
+        raise ConfigError(f"model.head_channels={m.head_channels} does not apply to model.name={m.name} (one "
+                          f"attention head over all channels); leave it null")
+    overrides = {k: getattr(m, k) for k in ("model_channels", "channel_mult", "attn_resolutions", "head_channels")
+                 if getattr(m, k) is not None}
+    try:
+        bad = attention_mismatches(m.name, cfg.data.resolution, **overrides)
+    except ValueError as e:  # levels that do not fit the resolution, or attn_resolutions that match no level
+        raise ConfigError(f"model.name={m.name}: {e}") from None
+    if bad:
+        level, resolution, channels, head = bad[0]
+        raise ConfigError(
+            f"model.name={m.name}: attention at {resolution}x{resolution} has model.model_channels * "
+            f"model.channel_mult[{level}] = {channels} channels, not a multiple of model.head_channels={head}; "
+            f"change one of them (or model.attn_resolutions)")
 
 
 def check_teacher(cfg) -> None:

@@ -38,6 +38,7 @@ class ModelConfig:
     channel_mult: Optional[List[int]] = None      # per-resolution channel multipliers
     num_blocks: Optional[int] = None              # residual blocks per resolution
     attn_resolutions: Optional[List[int]] = None  # resolutions with self-attention
+    head_channels: Optional[int] = None           # channels per attention head (ADM: 64); NCSN++ uses one head
     dropout: Optional[float] = None               # dropout probability (ADM: only at <= 16x16)
     fp32_conditioning: bool = True                # noise-level path (Fourier/sinusoidal features, mapping MLP, each
                                                   # block's embedding projection) in fp32 under bf16; off = all bf16

@@ -12,6 +12,7 @@ from ict_scale.data.config import DataConfig
 from ict_scale.data.loader import StreamingLoader
 from ict_scale.data.producers import DataError, ShardProducer, SyntheticProducer
 from ict_scale.data.storage import StorageError
+from ict_scale.errors import ConfigError
 
 __all__ = ["DataConfig", "DataError", "StorageError", "StreamingLoader", "build_loader"]
 
@@ -19,12 +20,12 @@ __all__ = ["DataConfig", "DataError", "StorageError", "StreamingLoader", "build_
 def _check_compatible(cfg: DataConfig, shards: sources.ShardSet, source: str) -> None:
     """The config's resolution and class count must match what the manifest says the shards hold."""
     if shards.image_shape is not None and list(shards.image_shape) != [3, cfg.resolution, cfg.resolution]:
-        raise ValueError(f"{source}: shards hold images of shape {shards.image_shape}, "
+        raise ConfigError(f"{source}: shards hold images of shape {shards.image_shape}, "
                          f"but data.resolution={cfg.resolution}")
     if shards.num_classes is not None and cfg.num_classes > 0 and shards.num_classes != cfg.num_classes:
         hint = "set data.num_classes=0 (unlabelled shards)" if shards.num_classes == 0 else \
             f"set data.num_classes={shards.num_classes} (or 0 to ignore labels)"
-        raise ValueError(f"{source}: shards have {shards.num_classes} classes but data.num_classes="
+        raise ConfigError(f"{source}: shards have {shards.num_classes} classes but data.num_classes="
                          f"{cfg.num_classes}; {hint}")
 
 

@@ -18,11 +18,12 @@ from ict_scale.data.order import GlobalOrder
 from ict_scale.data.samples import SKIP_REASONS, ParsedShard, SkipSample, decode_image, parse_tar, read_label
 from ict_scale.data.sources import ShardSet, verify_sha256
 from ict_scale.data.synthetic import synthetic_images
+from ict_scale.errors import UserError
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
-class DataError(RuntimeError):
+class DataError(UserError, RuntimeError):
     """The data are unusable (too many bad samples, or a shard with none usable)."""
 
 

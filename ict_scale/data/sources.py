@@ -38,7 +38,9 @@ def dirname(url: str) -> str:
 
 
 def load_manifest(url: str, storage_options: Mapping | None, allow_pipe: bool = False) -> Manifest:
-    text = storage.read_bytes(url, storage_options, allow_pipe=allow_pipe, retries=2).decode("utf-8")
+    # One attempt of ours: botocore's own bounded retries cover a blip at start-up, and an unreachable
+    # endpoint or a wrong URL then fails in seconds.
+    text = storage.read_bytes(url, storage_options, allow_pipe=allow_pipe, retries=1).decode("utf-8")
     return Manifest.from_json(text, url)
 
 

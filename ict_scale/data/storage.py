@@ -17,6 +17,7 @@ from urllib.parse import urlparse
 
 import fsspec
 from ict_scale.checkpoint.storage import write_whole
+from ict_scale.errors import UserError
 
 # The module, not the function of the same name that the webdataset package re-exports.
 wds_gopen = importlib.import_module("webdataset.gopen")
@@ -27,12 +28,31 @@ FATAL_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirec
 _FILESYSTEMS: dict[tuple, Any] = {}
 
 
-class StorageError(RuntimeError):
+class StorageError(UserError, RuntimeError):
     """A shard or manifest could not be read or written; the message names the URL and the cause."""
 
 
+# botocore's names (matched by name: botocore is only present with s3fs) for causes no retry can fix.
+NO_CREDENTIALS = ("NoCredentialsError", "PartialCredentialsError", "ProfileNotFound")
+UNREACHABLE = ("EndpointConnectionError", "ConnectTimeoutError", "ProxyConnectionError")
+
+
 def describe(e: BaseException) -> str:
-    return f"{type(e).__name__}: {e}"
+    """The cause in a few words, saying what to set for the common ones."""
+    name = type(e).__name__
+    if name in NO_CREDENTIALS:
+        return (f"no credentials ({e}): set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), "
+                "or key and secret in data.storage_options")
+    if name in UNREACHABLE:
+        return f"endpoint unreachable ({e}); check AWS_ENDPOINT_URL or data.storage_options.client_kwargs.endpoint_url"
+    if isinstance(e, TypeError):  # an option the filesystem or its client does not take
+        return f"data.storage_options rejected ({e})"
+    return f"{name}: {e}"
+
+
+def is_fatal(e: BaseException) -> bool:
+    """No retry can fix it: absent, refused, malformed, no credentials, or options the client rejects."""
+    return isinstance(e, FATAL_ERRORS + (TypeError,)) or type(e).__name__ in NO_CREDENTIALS
 
 
 def protocol_of(url: str) -> str:
@@ -117,13 +137,14 @@ def read_bytes(url: str, storage_options: Mapping | None = None, *, allow_pipe: 
                 return fs.cat_file(path, **one_request)
             with wds_gopen.gopen(url, "rb") as stream:  # local files, and pipe: once allowed
                 return stream.read()
-        except FATAL_ERRORS as e:
-            raise StorageError(f"{url}: cannot read ({describe(e)})") from e
-        except Exception as e:  # network resets, timeouts, 5xx: worth another try
+        except Exception as e:  # network resets, timeouts, 5xx: worth another try; the rest is fatal
+            if is_fatal(e):
+                raise StorageError(f"{url}: cannot read ({describe(e)})") from e
             last = e
             if attempt + 1 < retries:
                 time.sleep(backoff_s * 2 ** attempt)
-    raise StorageError(f"{url}: giving up after {retries} attempts ({describe(last)})") from last
+    attempts = f"{retries} attempts" if retries > 1 else "1 attempt"
+    raise StorageError(f"{url}: giving up after {attempts} ({describe(last)})") from last
 
 
 def list_sizes(dir_url: str, storage_options: Mapping | None = None) -> dict[str, int]:

@@ -22,6 +22,7 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from ict_scale.checkpoint import Storage
+from ict_scale.errors import UserError
 from ict_scale.ict import from_uint8
 
 from .inception import exact_fp32
@@ -32,7 +33,7 @@ HOW_TO_MAKE = ("train one with `python -m data_prep.train_classifier --data <tra
                "--val <val manifest.json> --out classifier.safetensors`")
 
 
-class ClassifierWeightsError(RuntimeError):
+class ClassifierWeightsError(UserError, RuntimeError):
     """The classifier weights are missing, unreadable, of another format or architecture, or not the expected file."""
 
 

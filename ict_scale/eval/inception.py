@@ -19,6 +19,8 @@ import sys
 import torch
 from torch import nn
 
+from ict_scale.errors import UserError
+
 from .weights_file import read_verified
 
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -30,7 +32,7 @@ WEIGHTS_SOURCES = ("the 'fid_weights' release of pytorch-fid (github.com/mseitze
                    "v0.2.0 release asset weights-inception-2015-12-05-6726825d.pth (same bytes)")
 
 
-class InceptionWeightsError(RuntimeError):
+class InceptionWeightsError(UserError, RuntimeError):
     """The Inception weights are missing, unreadable or not the expected file."""
 
 

@@ -57,6 +57,15 @@ class ADMBlock(nn.Module):
         return self.attn(x) if self.attn is not None else x
 
 
+def attention_channels(img_resolution: int, model_channels: int, channel_mult: tuple[int, ...],
+                       attn_resolutions: tuple[int, ...]) -> list[tuple[int, int, int]]:
+    """(level, resolution, channels) of each level whose blocks attend, as ADM below builds them: the levels
+    at attn_resolutions, and the lowest level, where the middle block always attends."""
+    resolutions = level_resolutions(img_resolution, channel_mult, attn_resolutions)
+    levels = sorted({i for i, r in enumerate(resolutions) if r in attn_resolutions} | {len(resolutions) - 1})
+    return [(i, resolutions[i], model_channels * channel_mult[i]) for i in levels]
+
+
 class ADM(nn.Module):
     """ADM backbone F(x, c_noise, class_labels) -> same shape as x (iCT §7, ImageNet-64 recipe)."""
 

@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .adm import ADM
+from .adm import ADM, attention_channels
 from .ncsnpp import NCSNpp
 
 
@@ -73,6 +73,17 @@ def network_kwargs(name: str, **overrides) -> dict:
 def build_network(name: str, **overrides) -> nn.Module:
     """Build registered network `name` with its recipe, any constructor argument overridden by keyword."""
     return _spec(name).cls(**network_kwargs(name, **overrides))
+
+
+def attention_mismatches(name: str, img_resolution: int, **overrides) -> list[tuple[int, int, int, int]]:
+    """(level, resolution, channels, head_channels) of each attention layer of network `name` whose channels
+    do not split into whole heads; checkable before any weight exists. NCSN++ has one head over all channels."""
+    args = network_kwargs(name, **{**overrides, "img_resolution": img_resolution})
+    if _spec(name).cls is not ADM:
+        return []
+    head = args["head_channels"]
+    return [(level, res, ch, head) for level, res, ch in attention_channels(
+        img_resolution, args["model_channels"], args["channel_mult"], args["attn_resolutions"]) if ch % head]
 
 
 def network_c_noise(name: str) -> Callable[[torch.Tensor], torch.Tensor]:

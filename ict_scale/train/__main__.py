@@ -1,11 +1,13 @@
-"""`python -m ict_scale.train [CONFIG] [key=value ...] [--dry-run]`: train (or resume) a consistency model."""
+"""`python -m ict_scale.train [CONFIG] [key=value ...] [--dry-run | --help-config]`: train (or resume) a consistency
+model. Bad input ends with one line `error: ...` (ICT_DEBUG=1 shows the traceback)."""
 from __future__ import annotations
 
 import argparse
 import os
 import sys
 
-from ict_scale.config import ConfigError, load_config, to_yaml
+from ict_scale import cli
+from ict_scale.config import ConfigError, config_reference, load_config, to_yaml
 
 DEFAULT_CONFIG = "demo"
 
@@ -28,6 +30,8 @@ def parse_args(argv):
     p.add_argument("overrides", nargs="*", help="more YAML files (e.g. configs/parallel/fsdp.yaml), then key=value "
                                                 "overrides, e.g. train.total_steps=1000")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and parameter count, then exit")
+    p.add_argument("--help-config", action="store_true",
+                   help="list every config key with its type, default and meaning, then exit")
     args = p.parse_args(argv)
     if args.config and "=" in args.config:  # `python -m ict_scale.train key=value` with the default recipe
         args.overrides.insert(0, args.config)
@@ -40,11 +44,10 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        cfg = load_config([find_config(c) for c in args.configs], args.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.help_config:
+        print(config_reference())
+        return 0
+    cfg = load_config([find_config(c) for c in args.configs], args.overrides)
     if args.dry_run:
         from .model import build_model, count_parameters
         import torch
@@ -53,20 +56,15 @@ def main(argv=None) -> int:
             n = count_parameters(build_model(cfg))
         print(f"model {cfg.model.name}: {n:,} parameters ({n / 1e6:.2f}M)")
         return 0
-    from ict_scale.checkpoint import RunDirError
-    from ict_scale.checkpoint.errors import is_out_of_space
+    from ict_scale.checkpoint.errors import NoSpaceLeft, is_out_of_space
     from .loop import train
     try:
-        run = train(cfg)
-    except (ConfigError, RunDirError) as e:  # a refused resume, a busy or full run dir: one line, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        run = train(cfg)  # a refused resume or a busy or full run dir is a UserError: cli.run prints one line
     except OSError as e:
         if not is_out_of_space(e):
             raise
-        # Checkpoints name their own failure (RunDirError); this is any other write (metrics, grids).
-        print(f"error: no space left on device writing {e.filename or 'into ' + cfg.train.run_dir}", file=sys.stderr)
-        return 1
+        # Checkpoints name their own failure; this is any other write (metrics, grids).
+        raise NoSpaceLeft(f"no space left on device writing {e.filename or 'into ' + cfg.train.run_dir}") from e
     code = 0 if run.step >= 0 else 1
     distributed = run.backend.name != "single"
     run.backend.shutdown()  # leave the process group in order
@@ -80,4 +78,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

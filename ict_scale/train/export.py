@@ -10,9 +10,16 @@ from omegaconf import OmegaConf
 
 from ict_scale.checkpoint import COMMIT, CheckpointManager, Storage
 from ict_scale.config import load_config
+from ict_scale.data import StorageError
+from ict_scale.data import storage as data_storage
+from ict_scale.errors import UserError
 from ict_scale.parallel import dcp_io
 
 from .model import build_model
+
+
+class CheckpointNotFound(UserError, FileNotFoundError):
+    """No complete checkpoint where the command line points."""
 
 
 def resolve_checkpoint(path: str, storage_options: dict | None = None) -> str:
@@ -26,11 +33,11 @@ def resolve_checkpoint(path: str, storage_options: dict | None = None) -> str:
             raise FileNotFoundError(f"{path} is marked complete but is not: {'; '.join(problems[:5])}")
         return path
     if storage.exists("trainer_state.pt"):
-        raise FileNotFoundError(f"{path} is an incomplete checkpoint (no {COMMIT} marker): its save was interrupted")
+        raise CheckpointNotFound(f"{path} is an incomplete checkpoint (no {COMMIT} marker): its save was interrupted")
     ckpts = CheckpointManager(storage, verify=checkpoint_verifier(storage))
     step = ckpts.newest_good(report=lambda note: print(note, file=sys.stderr))
     if step is None:
-        raise FileNotFoundError(f"no complete checkpoint under {path}/checkpoints (expected step_*/{COMMIT})")
+        raise CheckpointNotFound(f"no complete checkpoint under {path}/checkpoints (expected step_*/{COMMIT})")
     return ckpts.url(step)
 
 
@@ -65,7 +72,12 @@ def load_ema_model(path: str, device="cpu", storage_options: dict | None = None)
     """(ConsistencyModel in eval mode with EMA weights, resolved config, checkpoint URL or exported file)."""
     if path.endswith(".safetensors"):
         return load_exported_model(path, device, storage_options)
-    ckpt = resolve_checkpoint(path, storage_options)
+    try:
+        ckpt = resolve_checkpoint(path, storage_options)
+    except UserError:
+        raise
+    except Exception as e:  # nothing but storage access above: no credentials, no endpoint, bad options
+        raise StorageError(f"{path}: {data_storage.describe(e)}") from e
     store = Storage(ckpt, storage_options)
     cfg = _run_config(store.read_bytes("config.yaml"))
     model = build_model(cfg)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from ict_scale.ict import ConsistencyModel
 from ict_scale.networks import build_network, network_c_noise, network_kwargs
 
-_OVERRIDES = ("model_channels", "channel_mult", "num_blocks", "attn_resolutions", "dropout")
+_OVERRIDES = ("model_channels", "channel_mult", "num_blocks", "attn_resolutions", "head_channels", "dropout")
 
 
 def num_classes(cfg) -> int:

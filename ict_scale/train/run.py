@@ -11,8 +11,9 @@ from ict_scale.checkpoint import (CheckpointManager, IncompleteCheckpoint, RunDi
                                   torch_bytes)
 from ict_scale.checkpoint.errors import out_of_space_as_error
 from ict_scale.checkpoint.resume import apply_optim_settings, check_resume_config
-from ict_scale.config import check_teacher, to_yaml
-from ict_scale.data import build_loader
+from ict_scale.config import ConfigError, check_teacher, to_yaml
+from ict_scale.data import StorageError, build_loader
+from ict_scale.data import storage as data_storage
 from ict_scale.data.samples import SKIP_REASONS
 from ict_scale.parallel import ckpt_files, comm
 from ict_scale.parallel.backend import build_backend
@@ -51,11 +52,17 @@ class Run:
 
 def accumulation_steps(cfg, world_size: int) -> int:
     """Micro-batches per step so that the global batch stays cfg.train.batch_size at any world size."""
-    per_step = cfg.train.batch_per_gpu * world_size
-    if cfg.train.batch_size % per_step:
-        raise ValueError(f"train.batch_size={cfg.train.batch_size} is not a multiple of train.batch_per_gpu="
-                         f"{cfg.train.batch_per_gpu} x world size {world_size}")
-    return cfg.train.batch_size // per_step
+    batch, per_gpu = cfg.train.batch_size, cfg.train.batch_per_gpu
+    per_step = per_gpu * world_size
+    if batch % per_step:
+        lower = batch // per_step * per_step
+        sizes = " or ".join(str(b) for b in (lower, lower + per_step) if b > 0)
+        # The largest micro-batch no bigger than the asked one that keeps the global batch (if any does).
+        fits = [b for b in range(per_gpu, 0, -1) if batch % (b * world_size) == 0]
+        other = f", or train.batch_per_gpu={fits[0]}" if fits else ""
+        raise ConfigError(f"train.batch_size={batch} is not a multiple of train.batch_per_gpu={per_gpu} x "
+                          f"{world_size} processes = {per_step}; use train.batch_size={sizes}{other}")
+    return batch // per_step
 
 
 def make_optimizer(cfg):
@@ -95,13 +102,25 @@ def checkpoint_verifier(storage: Storage):
     return lambda url: ckpt_files.checkpoint_problems(url, storage.storage_options, required=RUN_FILES)
 
 
+def open_run_dir(cfg) -> Storage:
+    """The run directory, reached once before anything is built, so that missing credentials, an unreachable
+    endpoint or rejected storage options fail at once and name train.run_dir (bounded retries, as for data)."""
+    url = cfg.train.run_dir
+    try:
+        storage = Storage(url, data_storage.resolve_options(url, cfg.data.storage_options))
+        storage.listdir()
+    except Exception as e:
+        raise StorageError(f"train.run_dir={url}: {data_storage.describe(e)}") from e
+    return storage
+
+
 def setup(cfg) -> Run:
     """build_run, hold the run dir, resume from the newest good checkpoint if any, then write the config.
 
     config.yaml is written only once the resume check has passed, so a refused config never replaces the
     record of the run's checkpoints.
     """
-    storage = Storage(cfg.train.run_dir, dict(cfg.data.storage_options))
+    storage = open_run_dir(cfg)
     run = build_run(cfg, storage)
     try:
         hold_run_dir(run)

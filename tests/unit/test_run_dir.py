@@ -17,6 +17,7 @@ import time
 import pytest
 
 from ict_scale.checkpoint import COMMIT, CheckpointManager, IncompleteCheckpoint, RunLease, Storage
+from ict_scale.cli import run as cli_run
 from ict_scale.train.__main__ import main
 
 from test_train import TINY
@@ -25,7 +26,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def cli(run_dir, *extra) -> int:
-    return main([*TINY, f"train.run_dir={run_dir}", *extra])
+    return cli_run(main, [*TINY, f"train.run_dir={run_dir}", *extra])
 
 
 def ckpt(run_dir, step) -> str:
@@ -38,7 +39,7 @@ def test_a_refused_resume_leaves_config_yaml_as_it_was(tmp_path, capsys):
     assert cli(run_dir, "train.total_steps=2") == 0
     before = (run_dir / "config.yaml").read_text()
     capsys.readouterr()
-    assert cli(run_dir, "train.total_steps=2", "ict.s1=80") == 1
+    assert cli(run_dir, "train.total_steps=2", "ict.s1=80") == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: cannot resume") and "ict:" in err and len(err.splitlines()) == 1
     assert (run_dir / "config.yaml").read_text() == before  # still describes the checkpoints
@@ -73,7 +74,7 @@ def test_a_second_run_on_a_held_run_dir_is_refused_with_host_and_pid(tmp_path, c
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir)], cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        assert cli(run_dir, "train.total_steps=2") == 1
+        assert cli(run_dir, "train.total_steps=2") == 2
         err = capsys.readouterr().err.strip()
         assert err == err.splitlines()[0]  # one line
         assert f"run dir {run_dir} is in use by another run: host {socket.gethostname()} pid {holder.pid}" in err
@@ -143,7 +144,7 @@ def test_commit_is_refused_when_a_file_of_the_checkpoint_is_missing(tmp_path, ca
 
     monkeypatch.setattr(Backend, "save", save_then_lose_a_shard)
     run_dir = tmp_path / "run"
-    assert cli(run_dir, "train.total_steps=1") == 1
+    assert cli(run_dir, "train.total_steps=1") == 2
     err = capsys.readouterr().err
     assert f"checkpoint {ckpt(run_dir, 1)} is not marked complete: __0_0.distcp (listed in .metadata) is missing" in err
     assert not os.path.exists(os.path.join(ckpt(run_dir, 1), COMMIT))
@@ -209,7 +210,7 @@ def test_resume_with_shuffle_flipped_is_refused_naming_the_key(tmp_path, capsys)
     run_dir = tmp_path / "run"
     assert cli(run_dir, "train.total_steps=2", "train.max_steps_this_run=1") == 0
     capsys.readouterr()
-    assert cli(run_dir, "train.total_steps=2", "data.shuffle=false") == 1
+    assert cli(run_dir, "train.total_steps=2", "data.shuffle=false") == 2
     err = capsys.readouterr().err
     assert "error: cannot resume" in err and "data.shuffle: checkpoint True, now False" in err
 
@@ -230,7 +231,7 @@ def test_a_moved_copy_of_the_shards_resumes_and_other_shards_are_refused(tmp_pat
     args = ("train.total_steps=3", "data.hflip=false")
     assert cli(run_dir, *args, f"data.source={first}/manifest.json", "train.max_steps_this_run=1") == 0
     capsys.readouterr()
-    assert cli(run_dir, *args, f"data.source={other}/manifest.json") == 1
+    assert cli(run_dir, *args, f"data.source={other}/manifest.json") == 2
     err = capsys.readouterr().err
     assert "error: cannot resume" in err and "data.source" in err and "the data differs" in err
     assert cli(run_dir, *args, f"data.source={moved}/manifest.json", "train.max_steps_this_run=1") == 0
@@ -260,13 +261,14 @@ def test_metrics_of_a_diverging_run_are_strict_json(tmp_path):
 # -- a full disk -------------------------------------------------------------------------------------------------
 FULL_DISK = r"""
 import contextlib, io, json, os, sys
+from ict_scale.cli import run
 from ict_scale.train.__main__ import main
 mount, args = sys.argv[1], json.loads(sys.argv[2])
 run_dir = os.path.join(mount, "run")
 def train(*extra):  # the command line's main, in this process (one torch import for all four runs)
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main([*args, f"train.run_dir={run_dir}", *extra])
+        rc = run(main, [*args, f"train.run_dir={run_dir}", *extra])
     return {"rc": rc, "out": out.getvalue(), "err": err.getvalue()}
 steps = {"first": train("train.max_steps_this_run=1")}
 st = os.statvfs(mount)
@@ -294,14 +296,14 @@ def test_a_full_disk_is_named_and_its_partial_checkpoint_removed_at_the_next_sta
     steps = json.loads(done.stdout.strip().splitlines()[-1])
     assert steps["first"]["rc"] == 0, steps["first"]["err"][-3000:]
     full = steps["full"]
-    assert full["rc"] == 1, full["err"][-3000:]
+    assert full["rc"] == 2, full["err"][-3000:]
     line = full["err"].strip().splitlines()[-1]
     assert line.startswith(f"error: no space left on {mount}/run") and "checkpoint step 2 was not written" in line
     # The partial save filled the disk; the next start removes it before writing anything, and fails only
     # where the disk is still too small: at the checkpoint, with the same one line.
     again = steps["still_full"]
     assert f"removed 1 partial checkpoint(s)" in again["out"] and "resuming at step 1" in again["out"]
-    assert again["rc"] == 1 and "error: no space left on" in again["err"]
+    assert again["rc"] == 2 and "error: no space left on" in again["err"]
     assert steps["ckpts"] == ["step_000000001", "step_000000002"]  # the committed one is kept, the new partial too
     assert steps["marked"] == ["step_000000001"]
 
@@ -314,6 +316,6 @@ def test_a_full_disk_outside_a_checkpoint_is_one_line_too(tmp_path, capsys, monk
 
     monkeypatch.setattr(Storage, "append_record", full)  # the first metrics line meets a full disk
     run_dir = tmp_path / "run"
-    assert cli(run_dir, "train.total_steps=1") == 1
+    assert cli(run_dir, "train.total_steps=1") == 2
     assert capsys.readouterr().err.strip() == f"error: no space left on device writing {run_dir}/metrics.jsonl"
     assert not (run_dir / "run.lease").exists()  # released on the way out
