@@ -16,14 +16,17 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def group_norm(channels: int, eps: float) -> nn.GroupNorm:
-    """GroupNorm with 32 groups (both papers), and at least 4 channels per group (score-SDE's and EDM's rule).
+def group_norm(channels: int, eps: float, min_channels_per_group: int = 1) -> nn.GroupNorm:
+    """GroupNorm with 32 groups (both papers), fewer where `channels` is small or not a multiple of 32.
 
-    With one channel per group the norm would subtract each channel's own mean, and with it the per-channel
-    noise embedding that NCSN++ adds just before norm1: a narrow network (under 128 channels) would lose its
-    conditioning on sigma. The paper recipes (128 channels and more) always get 32 groups.
+    NCSN++ asks for at least 4 channels per group (score-SDE's and EDM's rule): with one channel per group the
+    norm would subtract each channel's own mean, and with it the per-channel noise embedding that NCSN++ adds
+    just before norm1, so a narrow network (under 128 channels) would lose its conditioning on sigma. ADM
+    (guided-diffusion: always 32 groups) applies its conditioning after the norm and keeps the default.
+    The paper recipes (128 channels and more) always get 32 groups.
     """
-    return nn.GroupNorm(num_groups=math.gcd(min(32, max(1, channels // 4)), channels), num_channels=channels, eps=eps)
+    groups = math.gcd(min(32, max(1, channels // min_channels_per_group)), channels)
+    return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=eps)
 
 
 class ZeroConv2d(nn.Conv2d):

@@ -20,7 +20,8 @@ from torch import nn
 from .layers import (ConditioningLinear, FourierEmbedding, Resample2x, SelfAttention, ZeroConv2d, check_inputs,
                      fir_taps, group_norm, init_weights_, level_resolutions, no_autocast, xavier_init_)
 
-SKIP_SCALE = 1 / math.sqrt(2)  # score-SDE skip_rescale: (x + h) / sqrt(2) keeps the variance of a sum
+SKIP_SCALE = 1 / math.sqrt(2)
+NORM_MIN_CHANNELS = 4  # score-SDE's GroupNorm: min(channels // 4, 32) groups  # score-SDE skip_rescale: (x + h) / sqrt(2) keeps the variance of a sum
 
 
 class NCSNppBlock(nn.Module):
@@ -34,12 +35,12 @@ class NCSNppBlock(nn.Module):
                  fir_kernel: tuple[int, ...], eps: float, resample: str | None = None, attention: bool = False,
                  fp32_conditioning: bool = True):
         super().__init__()
-        self.norm0 = group_norm(in_channels, eps)
+        self.norm0 = group_norm(in_channels, eps, NORM_MIN_CHANNELS)
         # One stateless module serves both branches: h and x are resampled by the same filter.
         self.resample = Resample2x(resample, fir_kernel) if resample else nn.Identity()
         self.conv0 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
         self.emb_proj = ConditioningLinear(emb_channels, out_channels, fp32=fp32_conditioning)
-        self.norm1 = group_norm(out_channels, eps)
+        self.norm1 = group_norm(out_channels, eps, NORM_MIN_CHANNELS)
         self.dropout = nn.Dropout(dropout)  # draws from torch's global RNG: same state, same mask
         self.conv1 = ZeroConv2d(out_channels, out_channels, kernel_size=3, padding=1)
         needs_skip_conv = in_channels != out_channels or resample is not None
@@ -129,7 +130,7 @@ class NCSNpp(nn.Module):
                 self.dec.append(block(ch, ch, resample="up"))
                 self._dec_takes_skip.append(False)
 
-        self.out_norm = group_norm(ch, eps)
+        self.out_norm = group_norm(ch, eps, NORM_MIN_CHANNELS)
         self.out_conv = ZeroConv2d(ch, out_channels or in_channels, kernel_size=3, padding=1)
         self.init_weights()
 

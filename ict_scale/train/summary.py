@@ -16,7 +16,7 @@ def end_of_run(run, start_step: int, wall_s: float, last_record: dict | None, st
     t = run.cfg.train
     where = f"step {run.step} of {t.total_steps}"
     if run.step >= t.total_steps:
-        lines = [f"run complete: {where}" + ("" if run.step > start_step else " (nothing left to train)")]
+        lines = [f"run complete: {where}"]  # (a finished run started again stops before the loop: run_complete_message)
     elif stopped:
         why = {None: "a stop signal on another rank", signal.SIGINT: "Ctrl-C"}.get(signum, f"preemption signal {signum}")
         lines = [f"{why}: checkpoint written at {where}; run the same command to resume"]

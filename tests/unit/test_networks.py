@@ -291,7 +291,8 @@ def test_overrides_accept_lists():
 def test_narrow_networks_keep_at_least_four_channels_per_group():
     # One channel per group would remove NCSN++'s per-channel noise embedding (added just before norm1).
     from ict_scale.networks.layers import group_norm
-    assert [group_norm(c, 1e-6).num_groups for c in (16, 32, 64, 96, 128, 256, 384)] == [4, 8, 16, 24, 32, 32, 32]
+    assert [group_norm(c, 1e-6, 4).num_groups for c in (16, 32, 64, 96, 128, 256, 384)] == [4, 8, 16, 24, 32, 32, 32]
+    assert [group_norm(c, 1e-6).num_groups for c in (16, 32, 64, 192)] == [16, 32, 32, 32]  # ADM's
     net = build_network("ncsnpp", model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(),
                         img_resolution=8, dropout=0.0)
     for m in net.modules():
