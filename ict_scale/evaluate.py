@@ -84,10 +84,7 @@ def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     device = init_distributed()
     try:
-        try:
-            model, run_cfg, ckpt = load_model_for_eval(args.path, device)
-        except (FileNotFoundError, ValueError) as e:
-            raise SystemExit(f"error: {e}") from None
+        model, run_cfg, ckpt = load_model_for_eval(args.path, device)
         cfg = eval_config(run_cfg.eval, args)
         if not cfg.ref:
             raise ConfigError("no reference statistics: pass --ref or set eval.ref in the run config")

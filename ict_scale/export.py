@@ -48,15 +48,9 @@ def main(argv=None) -> int:
     p.add_argument("--format", choices=("safetensors", "diffusers"), default="safetensors")
     args = p.parse_args(argv)
     if args.format == "diffusers":
-        from ict_scale.to_diffusers import DiffusersMissing, require_diffusers
-        try:
-            require_diffusers()  # before loading a checkpoint that may take minutes
-        except DiffusersMissing as e:
-            raise SystemExit(f"error: {e}") from None
-    try:
-        model, cfg, ckpt = load_ema_model(args.path)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
+        from ict_scale.to_diffusers import require_diffusers
+        require_diffusers()  # before loading a checkpoint that may take minutes (DiffusersMissing: one line)
+    model, cfg, ckpt = load_ema_model(args.path)
     (write_diffusers if args.format == "diffusers" else write_safetensors)(model, cfg, ckpt, args.out)
     return 0
 

@@ -30,10 +30,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=256)
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        model, cfg, ckpt = load_ema_model(args.path, device)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
+    model, cfg, ckpt = load_ema_model(args.path, device)
     res, num_classes = cfg.data.resolution, (0 if cfg.data.drop_labels else cfg.data.num_classes)
     g = torch.Generator().manual_seed(args.seed)
     z = torch.randn((args.num, 3, res, res), generator=g).to(device)

@@ -7,6 +7,8 @@ diffusers is an optional dependency: nothing here imports it until an export run
 """
 from __future__ import annotations
 
+from ict_scale.errors import UserError
+
 import math
 import os
 
@@ -18,7 +20,7 @@ from ict_scale.networks.ncsnpp import NCSNpp
 NCSNPP_MODULE = "ict_scale.to_diffusers.ncsnpp_unet"  # what a user imports before loading an NCSN++ export
 
 
-class DiffusersMissing(ImportError):
+class DiffusersMissing(UserError, ImportError):
     """The optional diffusers package is not installed."""
 
 

@@ -19,7 +19,11 @@ from .model import build_model
 
 
 class CheckpointNotFound(UserError, FileNotFoundError):
-    """No complete checkpoint where the command line points."""
+    """No complete checkpoint (or exported model) where the command line points."""
+
+
+class ExportedModelMismatch(UserError, ValueError):
+    """An exported .safetensors file that does not hold the model its .yaml describes."""
 
 
 def resolve_checkpoint(path: str, storage_options: dict | None = None) -> str:
@@ -30,7 +34,7 @@ def resolve_checkpoint(path: str, storage_options: dict | None = None) -> str:
     if storage.exists(COMMIT):
         problems = checkpoint_verifier(storage)(path)
         if problems:
-            raise FileNotFoundError(f"{path} is marked complete but is not: {'; '.join(problems[:5])}")
+            raise CheckpointNotFound(f"{path} is marked complete but is not: {'; '.join(problems[:5])}")
         return path
     if storage.exists("trainer_state.pt"):
         raise CheckpointNotFound(f"{path} is an incomplete checkpoint (no {COMMIT} marker): its save was interrupted")
@@ -53,16 +57,16 @@ def load_exported_model(path: str, device="cpu", storage_options: dict | None = 
     storage = Storage(parent or ".", storage_options)
     config_name = name[:-len(".safetensors")] + ".yaml"
     if not storage.exists(name):
-        raise FileNotFoundError(f"{path}: no such file")
+        raise CheckpointNotFound(f"{path}: no such file")
     if not storage.exists(config_name):
-        raise FileNotFoundError(f"{path}: its config {storage.url(config_name)} is missing (python -m ict_scale.export "
+        raise CheckpointNotFound(f"{path}: its config {storage.url(config_name)} is missing (python -m ict_scale.export "
                                 f"writes the two side by side)")
     cfg = _run_config(storage.read_bytes(config_name))
     model = build_model(cfg)
     tensors = safetensors.torch.load(storage.read_bytes(name))
     missing, unexpected = model.state_dict().keys() - tensors.keys(), tensors.keys() - model.state_dict().keys()
     if missing or unexpected:
-        raise ValueError(f"{path} does not hold the model {storage.url(config_name)} describes (missing tensors: "
+        raise ExportedModelMismatch(f"{path} does not hold the model {storage.url(config_name)} describes (missing tensors: "
                          f"{sorted(missing)[:3]}, unexpected: {sorted(unexpected)[:3]})")
     model.load_state_dict(tensors)
     return model.to(device).eval().requires_grad_(False), cfg, path

@@ -5,6 +5,8 @@ import os
 
 import numpy as np
 import pytest
+
+from ict_scale.errors import UserError
 import torch
 
 # Offline before huggingface_hub is imported (it reads the variable once): every file comes from the export.
@@ -174,7 +176,7 @@ def test_two_step_timesteps_land_on_the_recipe_level():
 
 def test_export_refuses_without_diffusers(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(__import__("sys").modules, "diffusers", None)  # what `import diffusers` sees uninstalled
-    with pytest.raises(SystemExit, match=r"pip install -e '\.\[diffusers\]'"):
+    with pytest.raises(UserError, match=r"pip install -e '\.\[diffusers\]'"):
         export.main([str(tmp_path / "run"), "--format", "diffusers", "--out", str(tmp_path / "hf")])
     assert not (tmp_path / "hf").exists()
 

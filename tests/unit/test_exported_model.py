@@ -3,6 +3,8 @@ import json
 
 import numpy as np
 import pytest
+
+from ict_scale.errors import UserError
 import torch
 
 from data_prep import ref_stats
@@ -53,7 +55,7 @@ def test_evaluate_reads_an_export_and_writes_beside_it(exported, capsys):
 def test_an_export_without_its_config_is_one_clear_error(exported):
     lone = exported / "lone.safetensors"
     lone.write_bytes((exported / "out" / "model.safetensors").read_bytes())
-    with pytest.raises(SystemExit, match=r"lone\.safetensors: its config .*lone\.yaml is missing"):
+    with pytest.raises(UserError, match=r"lone\.safetensors: its config .*lone\.yaml is missing"):
         sample.main([str(lone), "--out", str(exported / "x")])
-    with pytest.raises(SystemExit, match=r"missing\.safetensors: no such file"):
+    with pytest.raises(UserError, match=r"missing\.safetensors: no such file"):
         evaluate.main([str(exported / "missing.safetensors"), "--ref", "r.npz"])
