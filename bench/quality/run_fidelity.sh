@@ -9,19 +9,9 @@
 # $QUALITY_WORK (default /tmp/ict_quality): shards and reference statistics (made once), runs/, logs/.
 set -euo pipefail
 secs=${1:?seconds per call}; shift
-work=${QUALITY_WORK:-/tmp/ict_quality}
-PY=${PY:-python3}
-clf=bench/results/quality/classifier_synthetic32.safetensors
-data=$work/shards
-ref=$work/ref_fcd_train.npz
 export OMP_NUM_THREADS=2 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+source bench/quality/prepare.sh
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$work/inductor}
-mkdir -p "$work/logs"
-
-[ -f "$data/manifest.json" ] || $PY -m data_prep.make_shards --dataset synthetic --split train --num 50000 \
-  --resolution 32 --num-classes 32 --out "$data" --workers 8 >"$work/logs/shards.log" 2>&1
-[ -f "$ref" ] || $PY -m data_prep.ref_stats --data "$data/manifest.json" --out "$ref" --resolution 32 \
-  --features classifier --classifier-weights "$clf" >"$work/logs/ref_stats.log" 2>&1
 
 port=29600
 for spec in "$@"; do

@@ -110,7 +110,7 @@ def test_plain_output_has_total_steps_and_eta_and_the_run_ends_with_a_summary(tm
     train(tiny_cfg(run_dir, "train.total_steps=4"))  # the same command once more: nothing to do, and it says so
     out = capsys.readouterr().out
     assert "has finished all 4 steps (nothing to resume)" in out
-    assert f"  last checkpoint: {run_dir}/checkpoints/step_000000004" in out.splitlines()
+    assert f"last checkpoint {run_dir}/checkpoints/step_000000004" in out
 
 
 def test_incomplete_checkpoint_is_never_resumed(tmp_path):

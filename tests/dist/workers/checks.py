@@ -115,17 +115,21 @@ def check(name: str, overrides: list, out_dir: str) -> dict:
     return rec
 
 
-def main() -> None:
+def run_spec(check_one) -> None:
+    """check_one(name, overrides, out_dir) for every entry of SPEC_JSON; write this rank's results and leave."""
     out_dir, spec_path = sys.argv[1], sys.argv[2]
     with open(spec_path) as f:
         spec = json.load(f)
-    results = {name: check(name, overrides, out_dir) for name, overrides in spec.items()}
+    results = {name: check_one(name, overrides, out_dir) for name, overrides in spec.items()}
     with open(os.path.join(out_dir, f"rank{dist.get_rank()}.json"), "w") as f:
         json.dump(results, f)
     dist.destroy_process_group()
     sys.stdout.flush()
     os._exit(0)
 
+
+def main() -> None:
+    run_spec(check)
 
 if __name__ == "__main__":
     main()
