@@ -2,7 +2,7 @@
 distributed generation, references."""
 from .classifier import (ClassifierFeatures, ClassifierSpec, ClassifierWeightsError, SmallClassifier,
                          build_classifier_features, load_classifier, save_classifier)
-from .config import SIGMA_MID_BY_RECIPE, EvalConfig, check_eval_config
+from .config import EvalConfig, check_eval_config
 from .features import FEATURE_EXTRACTORS, build_features, extractor_of, feature_dim_of, metric_of
 from .fid import FIDEvaluator, SampleSpec, check_compatible, sample_spec
 from .frechet import FEATURE_DIM, FeatureMoments, FrechetTerms, all_reduce_moments, frechet_distance
@@ -17,7 +17,7 @@ __all__ = [
     "ClassifierFeatures", "ClassifierSpec", "ClassifierWeightsError", "SmallClassifier", "build_classifier_features",
     "load_classifier", "save_classifier", "FEATURE_EXTRACTORS", "build_features", "extractor_of", "feature_dim_of",
     "metric_of",
-    "SIGMA_MID_BY_RECIPE", "EvalConfig", "check_eval_config", "FIDEvaluator", "SampleSpec", "check_compatible",
+    "EvalConfig", "check_eval_config", "FIDEvaluator", "SampleSpec", "check_compatible",
     "sample_spec", "FEATURE_DIM", "FeatureMoments", "FrechetTerms", "all_reduce_moments", "frechet_distance",
     "generate_uint8", "rank_indices", "sample_inputs", "sample_rng", "sampling_sigmas", "WEIGHTS_ENV",
     "WEIGHTS_FILE", "WEIGHTS_SHA256", "InceptionFeatures", "InceptionWeightsError", "build_inception",

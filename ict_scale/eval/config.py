@@ -24,9 +24,6 @@ class EvalConfig:
 
 FEATURE_EXTRACTORS = ("inception", "classifier")  # closed registry; eval.features names one
 
-# Two-step intermediate level: the iCT paper's (CIFAR-10) and reproductions' (ImageNet-64).
-SIGMA_MID_BY_RECIPE = {"cifar10": 0.821, "imagenet64": 1.526}
-
 
 def check_eval_config(cfg: EvalConfig) -> None:
     """Reject values the evaluation cannot run with, naming the key."""

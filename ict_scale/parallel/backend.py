@@ -155,7 +155,6 @@ class DistributedBackend(Backend):
         init_process_group(env, device, cfg.parallel.timeout_s)
         super().__init__(cfg, device)
         self.rank, self.world_size, self.local_rank = env.rank, env.world_size, env.local_rank
-        self.local_world_size = env.local_world_size
 
     def shutdown(self) -> None:
         """Leave the process group (once, at the end of the process; later collectives would fail)."""

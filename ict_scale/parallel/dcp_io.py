@@ -30,9 +30,6 @@ class PendingSave:
     def __init__(self, future=None):
         self._future = future
 
-    def done(self) -> bool:
-        return self._future is None or self._future.done()
-
     def wait(self) -> None:
         if self._future is not None:
             self._future.result()  # re-raises a failed background write here, on the caller's thread

@@ -5,7 +5,6 @@ import io
 from dataclasses import dataclass, field
 
 import torch
-from omegaconf import OmegaConf
 
 from ict_scale.checkpoint import (CheckpointManager, IncompleteCheckpoint, RunDirBusy, RunDirError, RunLease, Storage,
                                   torch_bytes)
@@ -290,7 +289,3 @@ def run_complete_message(run: Run) -> str:
     return (f"run complete: {t.run_dir} has finished all {t.total_steps} steps (nothing to resume). Outputs: "
             f"{', '.join(outputs)}; last checkpoint {run.ckpts.url(run.step)}. To train further, give a new "
             f"train.run_dir (train.total_steps is part of the recipe: it sets the curriculum N(k))")
-
-
-def resolved(cfg) -> dict:
-    return OmegaConf.to_container(cfg, resolve=True)

@@ -25,7 +25,6 @@ import signal
 import socket
 import sys
 import threading
-import time
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
@@ -38,7 +37,6 @@ class PreemptionFlag:
     def __init__(self, signals=STOP_SIGNALS, grace_s: float | None = None, announce: bool = True):
         self.requested = False
         self.signum = None
-        self.received_at: float | None = None  # time.monotonic() of the first signal
         self.grace_s = grace_s
         self.announce = announce  # print the Ctrl-C messages (rank 0 only)
         self._lock = threading.RLock()  # RLock: the main thread's handler may interrupt close()
@@ -78,7 +76,7 @@ class PreemptionFlag:
         with self._lock:
             if self.requested:
                 return
-            self.requested, self.signum, self.received_at = True, signum, time.monotonic()
+            self.requested, self.signum = True, signum
             if self.grace_s is not None:
                 # A daemon timer: it never keeps a finished process alive, and it fires even while the
                 # main thread is blocked in a collective waiting for a rank that is already gone.
@@ -97,12 +95,6 @@ class PreemptionFlag:
             print("second Ctrl-C: aborting now, without a checkpoint of this step "
                   "(the last complete checkpoint will be resumed)", file=sys.stderr, flush=True)
         _exit_now(128 + signal.SIGINT)
-
-    def remaining_s(self) -> float | None:
-        """Seconds of grace left since the first signal (None: no signal, or no grace period)."""
-        if self.received_at is None or self.grace_s is None:
-            return None
-        return self.grace_s - (time.monotonic() - self.received_at)
 
     def _expire(self) -> None:
         print(f"{signal.Signals(self.signum).name} was {self.grace_s:.0f} s ago and the checkpoint is not complete; "
