@@ -29,6 +29,7 @@ from ict_scale.eval.runtime import sampling_autocast  # noqa: E402
 from ict_scale.ict import ConsistencyModel  # noqa: E402
 from ict_scale.networks import build_network, network_c_noise  # noqa: E402
 from ict_scale.parallel import comm  # noqa: E402
+from ict_scale.parallel.launch_env import device_for  # noqa: E402
 
 # name -> (registry network, resolution, classes, two-step sigma_mid): the paper recipes (iCT §7).
 RECIPES = {"cifar10": ("ncsnpp", 32, 0, 0.821), "imagenet64": ("adm", 64, 1000, 1.526)}
@@ -37,10 +38,7 @@ TINY = dict(model_channels=32, channel_mult=(1, 2), num_blocks=1, attn_resolutio
 
 def join_torchrun() -> torch.device:
     """A benchmark harness joins torchrun itself (as tests do); the library only uses the group."""
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    device = device_for(int(os.environ.get("LOCAL_RANK", "0")))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         import torch.distributed as dist
         if device.type == "cuda":
@@ -164,9 +162,7 @@ def main(argv=None) -> int:
         with open(out, "w") as f:
             json.dump(report, f, indent=2)
         print(f"wrote {out}")
-    if comm.is_initialized():
-        import torch.distributed as dist
-        dist.destroy_process_group()
+    comm.destroy()
     return 0
 
 

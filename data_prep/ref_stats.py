@@ -20,7 +20,7 @@ from ict_scale.data.sources import resolve
 from ict_scale.eval import FEATURE_EXTRACTORS, EvalConfig, build_features, save_ref_stats
 from ict_scale.eval.inception import WEIGHTS_SHA256
 from ict_scale.eval.data_stats import dataset_statistics
-from ict_scale.eval.runtime import init_distributed, shutdown_distributed
+from ict_scale.eval.runtime import init_distributed
 from ict_scale.parallel import comm
 
 
@@ -97,7 +97,7 @@ def main(argv=None) -> int:
                   f"{args.features} weights {features.protocol['weights']}")
         comm.barrier()  # the file exists before any rank exits
     finally:
-        shutdown_distributed()
+        comm.destroy()
     return 0
 
 

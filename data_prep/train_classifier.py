@@ -27,6 +27,7 @@ from ict_scale.data import DataConfig, build_loader
 from ict_scale.data.sources import resolve
 from ict_scale.eval.classifier import ClassifierSpec, SmallClassifier, save_classifier
 from ict_scale.ict import from_uint8
+from ict_scale.parallel.launch_env import device_for
 
 
 def parse_args(argv):
@@ -116,7 +117,7 @@ def accuracy(model: SmallClassifier, loader, num: int, device: torch.device) -> 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     options = json.loads(args.storage_options)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = device_for()
     torch.manual_seed(args.seed)
     common = dict(resolution=args.resolution, batch=args.batch, workers=args.workers, seed=args.seed, options=options)
     train_loader, num_classes, train_size, resolution = labelled_loader(args.data, **common, train=True)

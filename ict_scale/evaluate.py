@@ -19,7 +19,7 @@ import sys
 from ict_scale import cli
 from ict_scale.errors import ConfigError
 from ict_scale.eval import FEATURE_EXTRACTORS, EvalConfig, FIDEvaluator, build_features, sample_spec
-from ict_scale.eval.runtime import init_distributed, sampling_autocast, shutdown_distributed
+from ict_scale.eval.runtime import init_distributed, sampling_autocast
 from ict_scale.parallel import comm
 
 
@@ -107,7 +107,7 @@ def main(argv=None) -> int:
         if comm.get_rank() == 0:
             print(json.dumps(result, indent=2, sort_keys=True))
     finally:
-        shutdown_distributed()
+        comm.destroy()
     return 0
 
 

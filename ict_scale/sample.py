@@ -13,6 +13,8 @@ import numpy as np
 import torch
 
 from ict_scale import cli
+from ict_scale.data.config import label_dim
+from ict_scale.parallel.launch_env import device_for
 from ict_scale.train.export import load_ema_model
 from ict_scale.train.grids import grid_png, sample_images
 
@@ -29,9 +31,9 @@ def main(argv=None) -> int:
     p.add_argument("--class-label", type=int, default=None, help="draw every sample from this class")
     p.add_argument("--batch", type=int, default=256)
     args = p.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = device_for()
     model, cfg, ckpt = load_ema_model(args.path, device)
-    res, num_classes = cfg.data.resolution, (0 if cfg.data.drop_labels else cfg.data.num_classes)
+    res, num_classes = cfg.data.resolution, label_dim(cfg.data)
     g = torch.Generator().manual_seed(args.seed)
     z = torch.randn((args.num, 3, res, res), generator=g).to(device)
     renoise = torch.randn((args.num, 3, res, res), generator=g).to(device)

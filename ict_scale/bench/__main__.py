@@ -107,7 +107,7 @@ def main(argv=None) -> int:
             release_memory()
     if out:
         print(f"wrote {out}")
-    bench.backend.shutdown()
+    comm.destroy()  # leave the process group the first mode's backend joined
     return 0
 
 

@@ -52,10 +52,11 @@ def conditioning_difference(model, net, resolution: int, autocast, device=None) 
 def prepared_backend(configs: list[str], overrides: list[str]):
     """A single-process backend holding the recipe's model, placed and compiled as training would."""
     from ict_scale.parallel.backend import Backend
+    from ict_scale.parallel.config import ExecutionConfig
     from ict_scale.train.model import build_model
     cfg = load_config(configs, overrides)
     torch.manual_seed(cfg.train.seed)
-    backend = Backend(cfg)
+    backend = Backend(cfg.parallel, ExecutionConfig.from_train(cfg.train))
     model = build_model(cfg)
     randomize_weights_(model)
     backend.prepare(model, lambda params: torch.optim.SGD(params, lr=0.0))

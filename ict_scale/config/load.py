@@ -5,7 +5,8 @@ import dataclasses
 import difflib
 import importlib.util
 import re
-from typing import Iterable
+import typing
+from typing import Iterable, Literal
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -13,17 +14,6 @@ from omegaconf.errors import OmegaConfBaseException
 from ict_scale.errors import ConfigError
 
 from .schema import Config
-
-_ENUMS = {
-    "ict.metric": ("pseudo_huber", "l2"),
-    "ict.index_sampling": ("lognormal", "uniform"),
-    "ict.curriculum": ("doubling", "sqrt"),
-    "ict.teacher": ("student", "ema"),
-    "train.teacher_pass": ("auto", "no_grad", "student_graph"),
-    "train.precision": ("auto", "bf16", "fp32"),
-    "parallel.backend": ("single", "ddp", "fsdp", "deepspeed"),
-}
-
 
 def _is_section(node) -> bool:
     """A dataclass-typed node (closed key set), as opposed to a free-form dict like storage_options."""
@@ -62,17 +52,51 @@ def _check_keys(schema, values, source: str, prefix: str = "") -> None:
 _MAPPING_EXAMPLES = {"data.storage_options": "data.storage_options='{client_kwargs: {endpoint_url: http://host:9000}}'"}
 
 
+def _field_type(key: str):
+    """The schema's type hint for a dotted key ('ict.teacher', 'train.loggers[1]'), or None."""
+    hint = Config
+    for part in key.split("[")[0].split("."):
+        if not dataclasses.is_dataclass(hint):
+            return None
+        hint = typing.get_type_hints(hint).get(part)
+    return hint
+
+
+def _choices(key: str) -> tuple[tuple, bool] | None:
+    """(allowed values, whether they are a list's entries) of a `Literal` field of the schema, else None."""
+    hint = _field_type(key)
+    if typing.get_origin(hint) in (list, typing.List) and typing.get_args(hint):
+        inner = typing.get_args(hint)[0]
+        return (typing.get_args(inner), True) if typing.get_origin(inner) is Literal else None
+    return (typing.get_args(hint), False) if typing.get_origin(hint) is Literal else None
+
+
 def _merge(base, values: dict, source: str):
     _check_keys(base, values, source)
     try:
         return OmegaConf.merge(base, values)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or "?"
+        choices = _choices(key)
+        if choices is not None:  # a Literal field: name the key and the values the schema allows
+            allowed, entries = choices
+            field = key.split("[")[0]
+            what = f"'{field}' entries must be from" if entries else f"'{field}' must be one of"
+            names = ", ".join(str(a) if a != "" else '""' for a in allowed)
+            raise ConfigError(f"{source}: {what} {names}; got {_offending(e)!r}") from None
         if key in _MAPPING_EXAMPLES:
             raise ConfigError(f"{source}: '{key}' must be a mapping, e.g. {_MAPPING_EXAMPLES[key]}") from None
         # OmegaConf's message continues with lines of its internals (full_key, object_type): keep the first.
         first = str(e.msg if hasattr(e, "msg") else e).strip().splitlines()[0]
         raise ConfigError(f"{source}: bad value for '{key}': {first}") from None
+
+
+def _offending(e: OmegaConfBaseException):
+    """The value OmegaConf refused (its exceptions keep it on the node they were raised for)."""
+    value = getattr(e, "value", None)
+    if value is not None:
+        return value
+    return getattr(getattr(e, "child_node", None), "_val", "?")
 
 
 def _parse_override(item: str) -> dict:
@@ -124,10 +148,7 @@ def load_config(paths: Iterable[str] = (), overrides: Iterable[str] = ()) -> Con
 
 
 def _validate(cfg) -> None:
-    for key, allowed in _ENUMS.items():
-        value = OmegaConf.select(cfg, key)
-        if value not in allowed:
-            raise ConfigError(f"'{key}' must be one of {', '.join(allowed)}; got {value!r}")
+    """Rules a field's type cannot express (Literal fields were checked as they were merged)."""
     positive = ["train.total_steps", "train.batch_size", "train.batch_per_gpu", "train.log_every",
                 "train.ckpt_every", "train.keep_last", "ict.s0", "ict.s1"]
     for key in positive:
@@ -142,14 +163,8 @@ def _validate(cfg) -> None:
     check_model(cfg)
 
 
-LOGGERS = ("jsonl", "tensorboard", "wandb")  # the trackers of ict_scale.train.trackers
-
-
 def check_loggers(cfg) -> None:
-    """Known tracker names, and the package of the one that is not a dependency of every install."""
-    unknown = [name for name in cfg.train.loggers if name not in LOGGERS]
-    if unknown:
-        raise ConfigError(f"'train.loggers' entries must be from {', '.join(LOGGERS)}; got {unknown}")
+    """The package of the one tracker that is not a dependency of every install (names are a Literal field)."""
     if "wandb" in cfg.train.loggers and importlib.util.find_spec("wandb") is None:
         raise ConfigError("'train.loggers' includes wandb, but the wandb package is not installed "
                           "(pip install -e '.[wandb]')")

@@ -47,6 +47,8 @@ def type_name(hint) -> str:
         return f"list of {type_name(args[0])}" if args else "list"
     if origin is dict:
         return "mapping"
+    if origin is typing.Literal:  # a closed set of values: their type here, the values in the field's comment
+        return type(args[0]).__name__
     return getattr(hint, "__name__", str(hint))
 
 

@@ -1,15 +1,24 @@
 """The typed configuration of a run. YAML files hold values only; every field is declared here.
 
-Each section is a dataclass; a field's comment is its documentation (shown by `--help-config`).
+Each section is a dataclass; a field's comment is its documentation (shown by `--help-config`). A field with a
+closed set of values is typed `Literal[...]`: OmegaConf refuses any other value as the file or override is
+merged, and config.load turns that into one line naming the key and the allowed values.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Literal, Optional
 
 from ict_scale.data.config import DataConfig
+from ict_scale.errors import ConfigError
 from ict_scale.eval.config import EvalConfig
-from ict_scale.parallel.config import ParallelConfig
+from ict_scale.parallel.config import ParallelConfig, Precision, TeacherPass
+
+Metric = Literal["pseudo_huber", "l2"]
+IndexSampling = Literal["lognormal", "uniform"]
+Curriculum = Literal["doubling", "sqrt"]
+Teacher = Literal["student", "ema"]
+LoggerName = Literal["jsonl", "tensorboard", "wandb"]  # the trackers of ict_scale.train.trackers
 
 
 @dataclass
@@ -23,17 +32,18 @@ class ICTConfig:
     s1: int = 1280                    # final number of discretisation intervals
     p_mean: float = -1.1              # mean of the lognormal noise-level distribution
     p_std: float = 2.0                # std of the lognormal noise-level distribution
-    metric: str = "pseudo_huber"      # distance: pseudo_huber (iCT) | l2 (squared L2, original CT)
-    index_sampling: str = "lognormal"  # interval index distribution: lognormal (iCT) | uniform (CT)
-    curriculum: str = "doubling"      # N(k): doubling (iCT eq. 6) | sqrt (original CT; set s0=2, s1=150 for CT's)
-    teacher: str = "student"          # theta^-: student (iCT: stopgrad(theta)) | ema (original CT: mu(k) EMA of theta)
+    metric: Metric = "pseudo_huber"   # distance: pseudo_huber (iCT) | l2 (squared L2, original CT)
+    index_sampling: IndexSampling = "lognormal"  # interval index distribution: lognormal (iCT) | uniform (CT)
+    curriculum: Curriculum = "doubling"  # N(k): doubling (iCT eq. 6) | sqrt (original CT; set s0=2, s1=150 for CT's)
+    teacher: Teacher = "student"      # theta^-: student (iCT: stopgrad(theta)) | ema (original CT: mu(k) EMA of theta)
     teacher_mu0: float = 0.9          # ema teacher: mu0 of mu(k) = exp(N(0) ln mu0 / N(k)) (CT Table 3: 0.9 on CIFAR-10)
 
 
 @dataclass
 class ModelConfig:
     """The backbone. Unset (null) fields take the named network's paper preset."""
-    name: str = "ncsnpp"                          # ncsnpp | ncsnpp_deep | adm | adm_deep
+    name: str = "ncsnpp"                          # a network of the registry (ict_scale.networks.NETWORKS): ncsnpp |
+                                                  # ncsnpp_deep | adm | adm_deep
     model_channels: Optional[int] = None          # base channel count
     channel_mult: Optional[List[int]] = None      # per-resolution channel multipliers
     num_blocks: Optional[int] = None              # residual blocks per resolution
@@ -63,11 +73,11 @@ class TrainConfig:
     batch_size: int = 1024            # global batch per optimiser step (all ranks, all micro-batches)
     batch_per_gpu: int = 128          # micro-batch per rank; accumulation = batch_size / (batch_per_gpu * world)
     seed: int = 0                     # base seed; step k on rank r draws from (seed, r, k)
-    precision: str = "auto"           # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    precision: Precision = "auto"     # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
     ema_decay: float = 0.99993        # evaluation EMA decay per step
     channels_last: bool = True        # NHWC memory format on CUDA
     compile: bool = False             # torch.compile each block (per-block, so a graph break stays local)
-    teacher_pass: str = "auto"        # how the stop-gradient teacher runs: no_grad | student_graph (autograd on, output
+    teacher_pass: TeacherPass = "auto"  # how the stop-gradient teacher runs: no_grad | student_graph (autograd on, output
                                       # detached: a compiled network reuses the student's graph, so both passes run the
                                       # same kernels) | auto (student_graph when compile is on, else no_grad)
     cudnn_benchmark: bool = False     # let cuDNN time its convolution algorithms per shape (CUDA): measured +-1%, and a
@@ -79,9 +89,24 @@ class TrainConfig:
     keep_last: int = 3                # complete checkpoints kept (older ones are deleted)
     max_nonfinite_steps: int = 20     # stop after this many consecutive non-finite losses/grad norms
     max_steps_this_run: int = 0       # stop (with a checkpoint) after this many steps in this process; 0 = no limit
-    loggers: List[str] = field(default_factory=lambda: ["jsonl", "tensorboard"])  # from jsonl, tensorboard, wandb
+    loggers: List[LoggerName] = field(default_factory=lambda: ["jsonl", "tensorboard"])  # from jsonl, tensorboard, wandb
     wandb_project: str = "ict_scale"  # Weights & Biases project of train.loggers=[...,wandb] (WANDB_* env applies)
     lease_timeout_s: float = 300.0    # a run dir's lease (run.lease, renewed by its run) older than this is taken over
+
+
+def accumulation_steps(train: TrainConfig, world_size: int) -> int:
+    """Micro-batches per step so that the global batch stays train.batch_size at any world size (the one place)."""
+    batch, per_gpu = train.batch_size, train.batch_per_gpu
+    per_step = per_gpu * world_size
+    if batch % per_step:
+        lower = batch // per_step * per_step
+        sizes = " or ".join(str(b) for b in (lower, lower + per_step) if b > 0)
+        # The largest micro-batch no bigger than the asked one that keeps the global batch (if any does).
+        fits = [b for b in range(per_gpu, 0, -1) if batch % (b * world_size) == 0]
+        other = f", or train.batch_per_gpu={fits[0]}" if fits else ""
+        raise ConfigError(f"train.batch_size={batch} is not a multiple of train.batch_per_gpu={per_gpu} x "
+                          f"{world_size} processes = {per_step}; use train.batch_size={sizes}{other}")
+    return batch // per_step
 
 
 @dataclass

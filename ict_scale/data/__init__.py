@@ -8,13 +8,13 @@
 from __future__ import annotations
 
 from ict_scale.data import sources, storage
-from ict_scale.data.config import DataConfig
+from ict_scale.data.config import DataConfig, label_dim
 from ict_scale.data.loader import StreamingLoader
 from ict_scale.data.producers import DataError, ShardProducer, SyntheticProducer
 from ict_scale.data.storage import StorageError
 from ict_scale.errors import ConfigError
 
-__all__ = ["DataConfig", "DataError", "StorageError", "StreamingLoader", "build_loader"]
+__all__ = ["DataConfig", "DataError", "StorageError", "StreamingLoader", "build_loader", "label_dim"]
 
 
 def _check_compatible(cfg: DataConfig, shards: sources.ShardSet, source: str) -> None:
@@ -30,7 +30,7 @@ def _check_compatible(cfg: DataConfig, shards: sources.ShardSet, source: str) ->
 
 
 def _producer(cfg: DataConfig, seed: int):
-    use_labels = cfg.num_classes > 0 and not cfg.drop_labels
+    use_labels = label_dim(cfg) > 0
     if cfg.source == "synthetic":
         fingerprint = f"synthetic:{cfg.synthetic_seed}:{cfg.resolution}:{cfg.num_classes}"
         return SyntheticProducer(cfg.resolution, cfg.num_classes, use_labels, cfg.synthetic_seed), 0, fingerprint

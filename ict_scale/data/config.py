@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict
+from typing import Any, Dict, Literal
+
+WorkerStartMethod = Literal["", "fork", "spawn", "forkserver"]
 
 
 @dataclass
@@ -25,5 +27,11 @@ class DataConfig:
     io_backoff_s: float = 0.5          # first retry delay in seconds
     check_shards: bool = True          # list storage at start: a missing or resized shard fails fast
     synthetic_seed: int = 0            # identity of the procedural data set (source=synthetic)
-    worker_start_method: str = ""      # "" (torch default) | fork | spawn | forkserver
+    worker_start_method: WorkerStartMethod = ""  # "" (torch default) | fork | spawn | forkserver
     pin_memory: bool = True            # page-locked batches when CUDA is present (faster host-to-device copy)
+
+
+def label_dim(cfg: DataConfig) -> int:
+    """The label count the network conditions on and the data delivers: 0 (unconditional) when the data set has
+    no classes or data.drop_labels is set. The one place this is decided."""
+    return 0 if cfg.drop_labels else int(cfg.num_classes)

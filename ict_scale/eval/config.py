@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List
+from typing import List, Literal, get_args
+
+FeatureName = Literal["inception", "classifier"]
+FEATURE_EXTRACTORS: tuple[str, ...] = get_args(FeatureName)  # closed registry; eval.features names one
 
 
 @dataclass
@@ -14,15 +17,12 @@ class EvalConfig:
     sigma_mid: float = 0.821           # two-step intermediate level (0.821 CIFAR-10, 1.526 ImageNet-64); also used by grids
     inception_weights: str = ""        # path/URL of pt_inception-2015-12-05-6726825d.pth; "" = $ICT_INCEPTION_WEIGHTS
     inception_sha256: str = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"  # expected file; "" accepts other weights (FIDs then not comparable with published ones)
-    features: str = "inception"        # inception (FID, the published protocol) | classifier (FCD, offline)
+    features: FeatureName = "inception"  # inception (FID, the published protocol) | classifier (FCD, offline)
     classifier_weights: str = ""       # features=classifier: .safetensors from `python -m data_prep.train_classifier`
     ref: str = ""                      # reference statistics (.npz: ours, EDM's mu/sigma, or ADM's reference batch)
     batch_per_rank: int = 256          # samples generated and scored per forward on each rank
     precision_recall: bool = False     # also compute improved precision/recall (k=3); the ref file must hold features
     seed: int = 0                      # sample i's noise and label come from (seed, i) alone, at any world size
-
-
-FEATURE_EXTRACTORS = ("inception", "classifier")  # closed registry; eval.features names one
 
 
 def check_eval_config(cfg: EvalConfig) -> None:

@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ict_scale.data.config import label_dim
 from ict_scale.parallel import comm
 
 from .config import EvalConfig, check_eval_config
@@ -42,9 +43,8 @@ class SampleSpec:
 
 def sample_spec(cfg) -> SampleSpec:
     """The SampleSpec a resolved run configuration describes."""
-    num_classes = 0 if cfg.data.drop_labels else int(cfg.data.num_classes)
     sigma_mid = cfg.eval.sigma_mid
-    return SampleSpec((3, cfg.data.resolution, cfg.data.resolution), num_classes, float(sigma_mid),
+    return SampleSpec((3, cfg.data.resolution, cfg.data.resolution), label_dim(cfg.data), float(sigma_mid),
                       float(cfg.ict.sigma_max), float(cfg.ict.sigma_min))
 
 

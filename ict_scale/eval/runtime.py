@@ -12,21 +12,14 @@ import os
 import torch
 
 from ict_scale.parallel import comm
+from ict_scale.parallel.launch_env import device_for
 
 
 def init_distributed() -> torch.device:
     """Join the torchrun job when WORLD_SIZE > 1; return this process's device (cuda:LOCAL_RANK or cpu)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not comm.is_initialized():
         return comm.init_from_env()
-    if torch.cuda.is_available():
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
-
-
-def shutdown_distributed() -> None:
-    comm.destroy()
+    return device_for(int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def sampling_autocast(device: torch.device, precision: str):

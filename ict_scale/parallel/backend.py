@@ -1,10 +1,11 @@
-"""The one interface the training step talks to, the single-process backend, and the registry.
+"""The one interface the training step talks to, and the single-process backend.
 
 A backend owns how the model is placed and wrapped, how gradients are reduced, how the optimiser
-steps, and how its state becomes bytes. The training step calls only these methods, so the same
-step runs on one CPU process, one GPU, or many nodes:
+steps, and how its state becomes bytes. It sees only its own settings (`parallel`) and how the network
+runs (`ExecutionConfig`), never the rest of the run's config. The training step calls only these
+methods, so the same step runs on one CPU process, one GPU, or many nodes:
 
-    backend = build_backend(cfg)                 # sets up the process group (torchrun / Slurm / DeepSpeed env)
+    backend = build_backend(cfg)                 # parallel.build: sets up the process group (torchrun / Slurm / DeepSpeed env)
     backend.prepare(module, make_optimizer)      # place, checkpoint, compile, wrap/shard; build the optimiser
     with backend.accumulate(last), backend.autocast(): ... backend.backward(loss)
     backend.grad_norm(); backend.optimizer_step(); backend.zero_grad()
@@ -14,18 +15,15 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from . import dcp_io
 from .blocks import apply_activation_checkpointing, apply_compile
-from .launch_env import device_for, init_process_group, read_launch_env
-
-BACKENDS = ("single", "ddp", "fsdp", "deepspeed")
+from .config import ExecutionConfig, ParallelConfig
+from .launch_env import LaunchEnv, device_for, init_process_group
 
 
 class Backend:
@@ -33,10 +31,14 @@ class Backend:
 
     name = "single"
 
-    def __init__(self, cfg, device: torch.device | None = None):
-        self.cfg = cfg
-        self.rank, self.world_size, self.local_rank = 0, 1, 0
-        self.device = device or default_device(self.local_rank)
+    def __init__(self, parallel: ParallelConfig, execution: ExecutionConfig, device: torch.device | None = None,
+                 rank: int = 0, world_size: int = 1, local_rank: int = 0):
+        self.parallel, self.execution = parallel, execution
+        self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
+        self.device = device or device_for(local_rank)
+        # fp32 or bf16: `auto` is bf16 on CUDA, fp32 on CPU (decided once, for the device this rank holds).
+        self.precision = execution.precision if execution.precision != "auto" else \
+            ("bf16" if self.device.type == "cuda" else "fp32")
         self.module: nn.Module | None = None   # the unwrapped ConsistencyModel
         self.model: nn.Module | None = None    # what the student forward calls (possibly wrapped)
         self.optimizer: torch.optim.Optimizer | None = None
@@ -45,11 +47,11 @@ class Backend:
     # -- set-up ---------------------------------------------------------------------------------
     def prepare(self, module: nn.Module, make_optimizer: Callable[[list], torch.optim.Optimizer]) -> None:
         """Place (and in subclasses wrap/shard) the model, then build the optimiser over its parameters."""
-        self.module = self.place(module)
+        self.module = self._place(module)
         self.model = self.module
         self.optimizer = make_optimizer([p for p in self.model.parameters() if p.requires_grad])
 
-    def place(self, module: nn.Module, channels_last_weights: bool = True) -> nn.Module:
+    def _place(self, module: nn.Module, channels_last_weights: bool = True) -> nn.Module:
         """Device, memory format, then the per-block transforms (before any wrapper sees the module).
 
         Sharding backends pass channels_last_weights=False: they flatten parameters into contiguous
@@ -58,12 +60,12 @@ class Backend:
         module = module.to(self.device)
         if self.device.type == "cuda":
             # Opt-in: the search may choose other algorithms in a resumed process, which breaks bit-identical resume.
-            torch.backends.cudnn.benchmark = bool(self.cfg.train.cudnn_benchmark)
-        if self.cfg.train.channels_last and self.device.type == "cuda" and channels_last_weights:
+            torch.backends.cudnn.benchmark = bool(self.execution.cudnn_benchmark)
+        if self.execution.channels_last and self.device.type == "cuda" and channels_last_weights:
             module.to(memory_format=torch.channels_last)
-        if self.cfg.parallel.activation_checkpointing:
+        if self.parallel.activation_checkpointing:
             apply_activation_checkpointing(module)
-        if self.cfg.train.compile:
+        if self.execution.compile:
             apply_compile(module)
         return module
 
@@ -79,8 +81,8 @@ class Backend:
         from the student's training graph (measured on an H200: 1.4-1.7e-2 apart in bf16 at equal sigma);
         with autograd on, the teacher runs the student's graph and the two passes agree to the bit.
         """
-        mode = self.cfg.train.teacher_pass
-        return mode == "student_graph" or (mode == "auto" and bool(self.cfg.train.compile))
+        mode = self.execution.teacher_pass
+        return mode == "student_graph" or (mode == "auto" and bool(self.execution.compile))
 
     def accumulate(self, last_micro_batch: bool):
         """Context for one micro-batch's forward/backward; gradient reduction happens on the last."""
@@ -104,16 +106,9 @@ class Backend:
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
-    def precision(self) -> str:
-        """fp32 or bf16, with `auto` resolved (bf16 on CUDA, fp32 on CPU)."""
-        precision = self.cfg.train.precision
-        if precision == "auto":
-            precision = "bf16" if self.device.type == "cuda" else "fp32"
-        return precision
-
     def autocast(self):
         """bf16 autocast when the run asks for it (auto: on CUDA only)."""
-        if self.precision() == "bf16":
+        if self.precision == "bf16":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
@@ -142,49 +137,11 @@ class Backend:
         """The optimiser's parameter groups built from cfg.optim (their settings follow the config on resume)."""
         return self.optimizer.param_groups
 
-    def shutdown(self) -> None:
-        pass
-
 
 class DistributedBackend(Backend):
     """A backend with a process group: the launcher's environment says which rank this is."""
 
-    def __init__(self, cfg):
-        env = read_launch_env()
-        device = device_for(env)
-        init_process_group(env, device, cfg.parallel.timeout_s)
-        super().__init__(cfg, device)
-        self.rank, self.world_size, self.local_rank = env.rank, env.world_size, env.local_rank
-
-    def shutdown(self) -> None:
-        """Leave the process group (once, at the end of the process; later collectives would fail)."""
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def default_device(local_rank: int) -> torch.device:
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
-
-
-def build_backend(cfg) -> Backend:
-    """The closed registry of backends, chosen by `parallel.backend`."""
-    name = cfg.parallel.backend
-    if name == "single":
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise RuntimeError(f"parallel.backend=single runs one process, but WORLD_SIZE={os.environ['WORLD_SIZE']}; "
-                               "choose parallel.backend=ddp, fsdp or deepspeed")
-        return Backend(cfg)
-    # Imported on demand: the DeepSpeed backend imports deepspeed, which a plain run should not need.
-    if name == "ddp":
-        from .ddp import DDPBackend
-        return DDPBackend(cfg)
-    if name == "fsdp":
-        from .fsdp import FSDPBackend
-        return FSDPBackend(cfg)
-    if name == "deepspeed":
-        from .deepspeed_backend import DeepSpeedBackend
-        return DeepSpeedBackend(cfg)
-    raise ValueError(f"parallel.backend={name!r} is not available; valid: {', '.join(BACKENDS)}")
+    def __init__(self, parallel: ParallelConfig, execution: ExecutionConfig, env: LaunchEnv):
+        device = device_for(env.local_rank)
+        init_process_group(env, device, parallel.timeout_s)
+        super().__init__(parallel, execution, device, env.rank, env.world_size, env.local_rank)

@@ -63,12 +63,13 @@ def init_from_env(timeout_s: float = 1800) -> torch.device:
     """
     from .launch_env import device_for, init_process_group, read_launch_env
     env = read_launch_env()
-    device = device_for(env)
+    device = device_for(env.local_rank)
     if env.world_size > 1:
         init_process_group(env, device, timeout_s)
     return device
 
 
 def destroy() -> None:
+    """Leave the process group (once, at the end of the process; later collectives would fail)."""
     if is_initialized():
         dist.destroy_process_group()

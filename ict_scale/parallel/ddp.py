@@ -16,7 +16,7 @@ class DDPBackend(DistributedBackend):
     name = "ddp"
 
     def prepare(self, module: nn.Module, make_optimizer: Callable[[list], torch.optim.Optimizer]) -> None:
-        self.module = self.place(module)
+        self.module = self._place(module)
         # Gradients live in DDP's buckets from the start (gradient_as_bucket_view) and are zeroed in place,
         # never set to None: backward then accumulates straight into the bucket. A gradient set to None
         # would instead be replaced by whatever autograd produced, e.g. a 1x1 convolution's weight
@@ -27,7 +27,7 @@ class DDPBackend(DistributedBackend):
         # (Fourier frequencies from the shared seed, FIR taps). DDP still broadcasts rank 0's
         # parameters (and these buffers) once here.
         self.model = DDP(self.module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                         bucket_cap_mb=self.cfg.parallel.ddp_bucket_cap_mb, gradient_as_bucket_view=True,
+                         bucket_cap_mb=self.parallel.ddp_bucket_cap_mb, gradient_as_bucket_view=True,
                          **_no_forward_buffer_sync())
         self.optimizer = make_optimizer([p for p in self.model.parameters() if p.requires_grad])
 

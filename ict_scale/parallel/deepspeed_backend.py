@@ -18,8 +18,10 @@ from torch import nn
 
 from . import dcp_io, deepspeed_ckpt
 from .backend import DistributedBackend
+from .config import ExecutionConfig, ParallelConfig
 from .deepspeed_config import build_ds_config, compute_dtype
 from .eval_copy import EvalCopy
+from .launch_env import LaunchEnv
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -68,24 +70,24 @@ def _quiet_deepspeed() -> None:
 class DeepSpeedBackend(DistributedBackend):
     name = "deepspeed"
 
-    def __init__(self, cfg):
-        super().__init__(cfg)  # our process group first; DeepSpeed adopts it
+    def __init__(self, parallel: ParallelConfig, execution: ExecutionConfig, env: LaunchEnv, *, batch_per_gpu: int,
+                 accumulation: int):
+        super().__init__(parallel, execution, env)  # our process group first; DeepSpeed adopts it
         import deepspeed
         _skip_cpu_shm_build()
         _quiet_deepspeed()
         from deepspeed.accelerator import get_accelerator
         deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
-        t = cfg.train
-        self.ds_config = build_ds_config(cfg.parallel.deepspeed_config, batch_size=t.batch_size,
-                                         batch_per_gpu=t.batch_per_gpu, world_size=self.world_size,
-                                         precision=self.precision(), on_gpu=self.device.type == "cuda")
+        self.ds_config = build_ds_config(parallel.deepspeed_config, batch_per_gpu=batch_per_gpu,
+                                         accumulation=accumulation, world_size=self.world_size,
+                                         precision=self.precision, on_gpu=self.device.type == "cuda")
         self.zero_stage = self.ds_config["zero_optimization"]["stage"]
         self.engine = None
 
     def prepare(self, module: nn.Module, make_optimizer: Callable[[list], torch.optim.Optimizer]) -> None:
         import deepspeed
         self._eval = EvalCopy(module)
-        module = self.place(module, channels_last_weights=False)
+        module = self._place(module, channels_last_weights=False)
         params = [p for p in module.parameters() if p.requires_grad]
         low_precision = compute_dtype(self.ds_config) != "fp32"
         init = {n: p.detach().clone() for n, p in module.named_parameters()} if low_precision else {}

@@ -37,7 +37,7 @@ def read_file(path: str) -> dict:
     return values
 
 
-def build_ds_config(path: str, *, batch_size: int, batch_per_gpu: int, world_size: int, precision: str,
+def build_ds_config(path: str, *, batch_per_gpu: int, accumulation: int, world_size: int, precision: str,
                     on_gpu: bool) -> dict:
     """The dict handed to deepspeed.initialize; raises naming the file and key on bad values."""
     ds = read_file(path)
@@ -49,8 +49,8 @@ def build_ds_config(path: str, *, batch_size: int, batch_per_gpu: int, world_siz
     if stage not in (1, 2, 3):
         raise ValueError(f"{path}: zero_optimization.stage={stage!r}; expected 1, 2 or 3")
     ds["train_micro_batch_size_per_gpu"] = batch_per_gpu
-    ds["gradient_accumulation_steps"] = batch_size // (batch_per_gpu * world_size)
-    ds["train_batch_size"] = batch_size
+    ds["gradient_accumulation_steps"] = accumulation
+    ds["train_batch_size"] = batch_per_gpu * accumulation * world_size
     bf16, fp16 = dict(ds.get("bf16", {})), dict(ds.get("fp16", {}))
     if bf16.get("enabled") == "auto":
         bf16["enabled"] = precision == "bf16"

@@ -67,10 +67,10 @@ class FSDPBackend(DistributedBackend):
 
     def prepare(self, module: nn.Module, make_optimizer: Callable[[list], torch.optim.Optimizer]) -> None:
         self._eval = EvalCopy(module)
-        module = self.place(module, channels_last_weights=False)
-        p = self.cfg.parallel
+        module = self._place(module, channels_last_weights=False)
+        p = self.parallel
         self.mesh = build_mesh(self.device.type, self.world_size, p.fsdp_shard_size)
-        self.module = self.model = shard_model(module, self.mesh, self.precision() == "bf16",
+        self.module = self.model = shard_model(module, self.mesh, self.precision == "bf16",
                                                p.fsdp_reshard_after_forward, p.fsdp_cpu_offload)
         self.optimizer = make_optimizer([q for q in self.model.parameters() if q.requires_grad])
 

@@ -84,13 +84,13 @@ def read_launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
     return LaunchEnv(0, 1, 0, 1, None, None, "none")
 
 
-def device_for(env: LaunchEnv) -> torch.device:
-    """This rank's device: cuda:LOCAL_RANK when GPUs exist, else CPU."""
+def device_for(local_rank: int = 0) -> torch.device:
+    """This process's device: cuda:LOCAL_RANK (made current) when GPUs exist, else CPU. The one place that decides."""
     if torch.cuda.is_available():
-        if env.local_rank >= torch.cuda.device_count():
-            raise RuntimeError(f"LOCAL_RANK={env.local_rank} but only {torch.cuda.device_count()} GPUs are visible")
-        torch.cuda.set_device(env.local_rank)
-        return torch.device("cuda", env.local_rank)
+        if local_rank >= torch.cuda.device_count():
+            raise RuntimeError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} GPUs are visible")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
     return torch.device("cpu")
 
 

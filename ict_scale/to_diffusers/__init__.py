@@ -7,6 +7,7 @@ diffusers is an optional dependency: nothing here imports it until an export run
 """
 from __future__ import annotations
 
+from ict_scale.data.config import label_dim
 from ict_scale.errors import UserError
 
 import math
@@ -95,7 +96,7 @@ def check_same_function(model, unet, scheduler, label_dim: int, probes: int = 2)
 
 def model_card(cfg, name: str, checkpoint: str, timesteps: list[int], sigma_j: float, is_ncsnpp: bool) -> str:
     """README.md of the folder: what it is and the lines that sample from it."""
-    labels = "class_labels=[0, 1, 2, 3], " if not cfg.data.drop_labels and cfg.data.num_classes else ""
+    labels = "class_labels=[0, 1, 2, 3], " if label_dim(cfg.data) else ""
     res, step_name = cfg.data.resolution, checkpoint.rstrip("/").rpartition("/")[2]
     lines = [f"# {cfg.model.name} consistency model (iCT, trained with ict_scale)", "",
              f"EMA weights of `{step_name}`; {res}x{res} images.", "", "```python",

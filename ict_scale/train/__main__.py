@@ -7,6 +7,7 @@ import os
 import sys
 
 from ict_scale import cli
+from ict_scale.parallel import comm
 from ict_scale.config import ConfigError, config_reference, load_config, to_yaml
 
 DEFAULT_CONFIG = "demo"
@@ -67,7 +68,7 @@ def main(argv=None) -> int:
         raise NoSpaceLeft(f"no space left on device writing {e.filename or 'into ' + cfg.train.run_dir}") from e
     code = 0 if run.step >= 0 else 1
     distributed = run.backend.name != "single"
-    run.backend.shutdown()  # leave the process group in order
+    comm.destroy()  # leave the process group in order
     if distributed:
         # Collective threads torn down during interpreter exit can abort the process ("terminate called
         # without an active exception") after a finished run; after the orderly shutdown, leave at once.

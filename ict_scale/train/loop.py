@@ -5,6 +5,7 @@ import time
 
 import torch
 
+from ict_scale.data.config import label_dim
 from ict_scale.ict import from_uint8
 from ict_scale.parallel import comm
 
@@ -25,8 +26,7 @@ def next_micro_batches(run: Run, data_iter):
     for _ in range(run.accumulation):
         images, labels = next(data_iter)
         x = from_uint8(images.to(dev, non_blocking=True))
-        y = labels.to(dev, non_blocking=True) if run.cfg.data.num_classes > 0 and not run.cfg.data.drop_labels \
-            else None
+        y = labels.to(dev, non_blocking=True) if label_dim(run.cfg.data) else None
         batches.append((x.contiguous(memory_format=fmt), y))
     return batches
 
@@ -71,7 +71,7 @@ def write_grids(run: Run, trackers: Trackers) -> None:
         return
     shape = (3, cfg.data.resolution, cfg.data.resolution)
     z, renoise, labels = fixed_noise(cfg.train.grid_num, shape, cfg.train.seed,
-                                     0 if cfg.data.drop_labels else cfg.data.num_classes, run.backend.device)
+                                     label_dim(cfg.data), run.backend.device)
     for steps in (1, 2):
         with run.backend.autocast():
             images = sample_images(model, z, renoise, labels, cfg.ict.sigma_max, cfg.eval.sigma_mid, steps,

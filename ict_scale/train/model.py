@@ -1,15 +1,11 @@
 """Build the consistency model a config describes: registry backbone inside the iCT parameterisation."""
 from __future__ import annotations
 
+from ict_scale.data.config import label_dim
 from ict_scale.ict import ConsistencyModel
 from ict_scale.networks import build_network, network_c_noise, network_kwargs
 
 _OVERRIDES = ("model_channels", "channel_mult", "num_blocks", "attn_resolutions", "head_channels", "dropout")
-
-
-def num_classes(cfg) -> int:
-    """Label dimension the network conditions on (0 = unconditional)."""
-    return 0 if cfg.data.drop_labels else int(cfg.data.num_classes)
 
 
 def network_args(cfg) -> dict:
@@ -19,7 +15,7 @@ def network_args(cfg) -> dict:
         if k in overrides:
             overrides[k] = tuple(overrides[k])
     return network_kwargs(cfg.model.name, img_resolution=cfg.data.resolution, in_channels=3,
-                          label_dim=num_classes(cfg), fp32_conditioning=cfg.model.fp32_conditioning,
+                          label_dim=label_dim(cfg.data), fp32_conditioning=cfg.model.fp32_conditioning,
                           **overrides)
 
 

@@ -10,12 +10,13 @@ from ict_scale.checkpoint import (CheckpointManager, IncompleteCheckpoint, RunDi
                                   torch_bytes)
 from ict_scale.checkpoint.errors import out_of_space_as_error
 from ict_scale.checkpoint.resume import apply_optim_settings, check_resume_config
-from ict_scale.config import ConfigError, check_teacher, to_yaml
+from ict_scale.config import check_teacher, to_yaml
+from ict_scale.config.schema import accumulation_steps
 from ict_scale.data import StorageError, build_loader
 from ict_scale.data import storage as data_storage
 from ict_scale.data.samples import SKIP_REASONS
 from ict_scale.parallel import ckpt_files, comm
-from ict_scale.parallel.backend import build_backend
+from ict_scale.parallel.build import build_backend
 
 from .ema import EMA, EMATeacher
 from .model import build_model, count_parameters
@@ -46,22 +47,7 @@ class Run:
 
     @property
     def accumulation(self) -> int:
-        return self.cfg.train.batch_size // (self.cfg.train.batch_per_gpu * self.backend.world_size)
-
-
-def accumulation_steps(cfg, world_size: int) -> int:
-    """Micro-batches per step so that the global batch stays cfg.train.batch_size at any world size."""
-    batch, per_gpu = cfg.train.batch_size, cfg.train.batch_per_gpu
-    per_step = per_gpu * world_size
-    if batch % per_step:
-        lower = batch // per_step * per_step
-        sizes = " or ".join(str(b) for b in (lower, lower + per_step) if b > 0)
-        # The largest micro-batch no bigger than the asked one that keeps the global batch (if any does).
-        fits = [b for b in range(per_gpu, 0, -1) if batch % (b * world_size) == 0]
-        other = f", or train.batch_per_gpu={fits[0]}" if fits else ""
-        raise ConfigError(f"train.batch_size={batch} is not a multiple of train.batch_per_gpu={per_gpu} x "
-                          f"{world_size} processes = {per_step}; use train.batch_size={sizes}{other}")
-    return batch // per_step
+        return accumulation_steps(self.cfg.train, self.backend.world_size)
 
 
 def make_optimizer(cfg):
@@ -78,7 +64,7 @@ def build_run(cfg, storage: Storage | None, make_batches=None) -> Run:
     e.g. batches made on the device by the speed benchmark; `storage` None leaves the run without checkpoints.
     """
     backend = build_backend(cfg)
-    accumulation_steps(cfg, backend.world_size)
+    accumulation_steps(cfg.train, backend.world_size)  # refuses a batch that does not divide, before any work
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     model = build_model(cfg)
     num_params = count_parameters(model)

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from ict_scale.config import ConfigError, load_config
+from ict_scale.config.schema import accumulation_steps
 from ict_scale.networks import attention_mismatches, build_network
-from ict_scale.train.run import accumulation_steps
 
 
 @pytest.mark.parametrize("model_channels, channel_mult, attn_resolutions, head_channels", list(itertools.product(
@@ -32,9 +32,9 @@ def test_ncsnpp_has_no_head_constraint():
 
 def test_batch_suggestions_divide():
     cfg = load_config([], ["train.batch_size=12", "train.batch_per_gpu=1"])
-    assert accumulation_steps(cfg, 4) == 3
+    assert accumulation_steps(cfg.train, 4) == 3
     with pytest.raises(ConfigError, match=r"x 5 processes = 5; use train.batch_size=10 or 15$"):
-        accumulation_steps(cfg, 5)  # no micro-batch size helps: 12 does not divide by 5
+        accumulation_steps(cfg.train, 5)  # no micro-batch size helps: 12 does not divide by 5
     cfg = load_config([], ["train.batch_size=12", "train.batch_per_gpu=4"])
     with pytest.raises(ConfigError, match=r"= 8; use train.batch_size=8 or 16, or train.batch_per_gpu=3$"):
-        accumulation_steps(cfg, 2)
+        accumulation_steps(cfg.train, 2)

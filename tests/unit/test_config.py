@@ -101,3 +101,57 @@ def test_secrets_are_never_written_or_printed(capsys):
     assert "http://127.0.0.1:9000" in text
     assert main(["demo", "data.storage_options={secret: s3cr3t}", "--dry-run"]) == 0
     assert "s3cr3t" not in capsys.readouterr().out
+
+
+def closed_fields() -> list[tuple[str, tuple, bool]]:
+    """(key, allowed values, whether a list's entries) of every Literal-typed field of the schema."""
+    import dataclasses
+    import typing
+    from ict_scale.config import Config
+    out = []
+    sections = typing.get_type_hints(Config)
+    for s in dataclasses.fields(Config):
+        for name, hint in typing.get_type_hints(sections[s.name]).items():
+            entries = typing.get_origin(hint) is list
+            inner = typing.get_args(hint)[0] if entries else hint
+            if typing.get_origin(inner) is typing.Literal:
+                out.append((f"{s.name}.{name}", typing.get_args(inner), entries))
+    return out
+
+
+def test_closed_fields_are_typed_in_the_schema():
+    keys = {key for key, _, _ in closed_fields()}
+    assert {"ict.metric", "ict.index_sampling", "ict.curriculum", "ict.teacher", "train.precision",
+            "train.teacher_pass", "train.loggers", "parallel.backend", "eval.features",
+            "data.worker_start_method"} <= keys
+
+
+@pytest.mark.parametrize("key, allowed, entries", closed_fields())
+def test_every_closed_field_refuses_other_values_naming_key_and_values(key, allowed, entries):
+    value = f"[{allowed[0]},nope]" if entries else "nope"
+    with pytest.raises(ConfigError) as e:
+        load_config([], [f"{key}={value}"])
+    message = str(e.value)
+    assert "\n" not in message and f"'{key}'" in message and "got 'nope'" in message, message
+    assert all((a or '""') in message for a in allowed), message
+
+
+def test_closed_field_error_from_a_file_names_the_file(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text("eval:\n  features: lpips\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: 'eval.features' must be one of inception, classifier; "
+                                          "got 'lpips'$"):
+        load_config([str(path)], [])
+
+
+def test_the_label_count_the_network_sees_is_the_datas():
+    import torch
+    from ict_scale.data.config import label_dim
+    from ict_scale.train.model import build_model
+    for overrides, expected in [(["data.num_classes=10", "data.drop_labels=false"], 10),
+                                (["data.num_classes=10", "data.drop_labels=true"], 0),
+                                (["data.num_classes=0", "data.drop_labels=false"], 0)]:
+        cfg = load_config([], ["model.model_channels=16", *overrides])
+        assert label_dim(cfg.data) == expected
+        with torch.device("meta"):
+            assert build_model(cfg).net.label_dim == expected

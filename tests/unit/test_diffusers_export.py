@@ -17,6 +17,7 @@ from diffusers import ConsistencyModelPipeline, UNet2DModel  # noqa: E402
 
 from ict_scale import export, sample  # noqa: E402
 from ict_scale.config import load_config  # noqa: E402
+from ict_scale.data.config import label_dim  # noqa: E402
 from ict_scale.ict import multistep_sample  # noqa: E402
 from ict_scale.networks import build_network, network_c_noise, network_kwargs  # noqa: E402
 from ict_scale.to_diffusers import karras_sigma, scheduler_config, two_step_timesteps  # noqa: E402
@@ -148,7 +149,7 @@ def test_pipeline_samples_equal_ict_scale_sample(name, tmp_path):
         assert "ict_scale.to_diffusers.ncsnpp_unet" in open(os.path.join(folder, "model_index.json")).read()
     timesteps, sigma_j = two_step_timesteps(cfg)
     num, res = 6, cfg.data.resolution
-    num_classes = 0 if cfg.data.drop_labels else cfg.data.num_classes
+    num_classes = label_dim(cfg.data)
     pipe = ConsistencyModelPipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
     for steps in (1, 2):

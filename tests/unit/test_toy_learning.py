@@ -5,6 +5,7 @@ from torch import nn
 from ict_scale.config import load_config
 from ict_scale.ict import ConsistencyModel, multistep_sample
 from ict_scale.parallel.backend import Backend
+from ict_scale.parallel.config import ExecutionConfig
 from ict_scale.train.ema import EMA
 from ict_scale.train.run import make_optimizer
 from ict_scale.train.step import train_step
@@ -41,7 +42,7 @@ def test_one_step_samples_move_toward_the_data():
     torch.manual_seed(0)
     cfg = load_config([], ["train.total_steps=600", "train.batch_size=256", "train.batch_per_gpu=256",
                            "optim.lr=2e-3", "ict.s1=80", "train.precision=fp32"])
-    backend = Backend(cfg, torch.device("cpu"))
+    backend = Backend(cfg.parallel, ExecutionConfig.from_train(cfg.train), torch.device("cpu"))
     backend.prepare(ConsistencyModel(MLP(), lambda s: 0.25 * torch.log(s)), make_optimizer(cfg))
     ema = EMA(backend.ema_targets())
     g = torch.Generator().manual_seed(1)
