@@ -22,12 +22,11 @@ import sys
 
 import torch
 
-import fsspec
-
 from ict_scale.checkpoint.storage import write_whole
 from ict_scale.config import ConfigError
 from ict_scale.parallel import comm
 from ict_scale.train.__main__ import find_config
+from ict_scale.urls import url_to_fs
 
 from .measure import MODES, Bench, matmul_peak_tflops, parse_mode
 from .report import print_table
@@ -102,7 +101,7 @@ def main(argv=None) -> int:
             if bench.backend.rank == 0:  # written after every mode: a run cut short keeps what it measured
                 print_table(results, env)
                 out = args.out or default_out(env, configs[0])
-                write_whole(fsspec.filesystem("file"), out,
+                write_whole(*url_to_fs(out),
                             (json.dumps({"environment": env, "results": results}, indent=1) + "\n").encode())
             release_memory()
     if out:

@@ -7,8 +7,9 @@ import math
 import os
 import uuid
 
-import fsspec
 import fsspec.implementations.local
+
+from ict_scale.urls import url_to_fs
 
 
 class Storage:
@@ -16,7 +17,7 @@ class Storage:
 
     def __init__(self, root: str, storage_options: dict | None = None):
         self.root = root.rstrip("/")
-        self.fs, self.base = fsspec.core.url_to_fs(self.root, **(storage_options or {}))
+        self.fs, self.base = url_to_fs(self.root, storage_options)
         self.storage_options = dict(storage_options or {})
         self.is_local = isinstance(self.fs, fsspec.implementations.local.LocalFileSystem)
 

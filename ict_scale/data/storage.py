@@ -15,9 +15,9 @@ import time
 from typing import Any, Mapping
 from urllib.parse import urlparse
 
-import fsspec
 from ict_scale.checkpoint.storage import write_whole
 from ict_scale.errors import UserError
+from ict_scale.urls import url_to_fs
 
 # The module, not the function of the same name that the webdataset package re-exports.
 wds_gopen = importlib.import_module("webdataset.gopen")
@@ -88,7 +88,7 @@ def filesystem(url: str, storage_options: Mapping | None = None):
     opts = resolve_options(url, storage_options)
     key = (os.getpid(), protocol_of(url), json.dumps(opts, sort_keys=True, default=str))
     if key not in _FILESYSTEMS:
-        fs, _ = fsspec.core.url_to_fs(url, skip_instance_cache=True, **opts)
+        fs, _ = url_to_fs(url, opts, skip_instance_cache=True)
         _FILESYSTEMS[key] = fs
     fs = _FILESYSTEMS[key]
     return fs, fs._strip_protocol(url)

@@ -12,10 +12,10 @@ import io
 import json
 from dataclasses import dataclass, field
 
-import fsspec
 import numpy as np
 
 from ict_scale.checkpoint import Storage
+from ict_scale.urls import open_url
 
 
 @dataclass
@@ -78,7 +78,7 @@ def _read_npz(url: str, npz, with_features: bool):
 def load_ref_stats(url: str, storage_options: dict | None = None, with_features: bool = False) -> RefStats:
     """Read reference statistics in any of the three layouts; bad content raises naming the file and key."""
     try:
-        opened = fsspec.open(url, "rb", **(storage_options or {})).open()
+        opened = open_url(url, "rb", storage_options)
     except FileNotFoundError as err:
         raise FileNotFoundError(f"reference statistics not found: {url} (make them with "
                                 f"`python -m data_prep.ref_stats --data <shards> --out {url}`)") from err

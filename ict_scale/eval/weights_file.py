@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import hashlib
 
-import fsspec
+from ict_scale.urls import open_url
 
 
 def read_verified(url: str, sha256: str | None, storage_options: dict | None, error: type[Exception],
                   what: str, hint: str) -> tuple[bytes, str]:
     """(bytes, sha256 hex) of the file at `url`; `error` names it and `hint` says how to get the right one."""
     try:
-        with fsspec.open(url, "rb", **(storage_options or {})) as f:
+        with open_url(url, "rb", storage_options) as f:
             data = f.read()
     except FileNotFoundError as err:
         raise error(f"{what} not found at {url!r}: {hint}") from err

@@ -13,11 +13,12 @@ import pathlib
 import pickle
 import re
 
-import fsspec
 import torch
 import torch.distributed.checkpoint as dcp
 import torch.distributed.checkpoint.metadata as dcp_metadata
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+
+from ict_scale.urls import url_to_fs
 
 DCP_METADATA = ".metadata"
 _PATHS = {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"}
@@ -127,7 +128,7 @@ def checkpoint_problems(url: str, storage_options: dict | None = None,
     `required`: further files the run itself writes (trainer state, config). DCP's .metadata names every
     data file and the byte range of each entry in it; DeepSpeed's engine files are counted per rank.
     """
-    fs, base = fsspec.core.url_to_fs(url.removeprefix("file://"), **(storage_options or {}))
+    fs, base = url_to_fs(url.removeprefix("file://"), storage_options)
     base = base.rstrip("/")
     files = _listing(fs, base)
     problems = [f"{rel} is missing" for rel in required if rel not in files]

@@ -27,9 +27,10 @@ import sys
 import tempfile
 import uuid
 
-import fsspec
 import torch
 import torch.distributed as dist
+
+from ict_scale.urls import url_to_fs
 
 ENGINE_TAG = "engine"
 UNIVERSAL_TAG = "universal"
@@ -82,7 +83,7 @@ def _remote(url: str) -> bool:
 
 
 def _fs(url: str, storage_options: dict | None):
-    return fsspec.core.url_to_fs(url, **(storage_options or {}))
+    return url_to_fs(url, storage_options)
 
 
 def _upload_tree(local_dir: str, url: str, storage_options: dict | None) -> None:
