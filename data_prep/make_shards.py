@@ -261,5 +261,10 @@ def main(argv=None) -> int:
     return 0
 
 
+def console() -> int:
+    """The `ict-make-shards` command ([project.scripts] in pyproject.toml): main() with one-line errors."""
+    return cli.run(main)
+
+
 if __name__ == "__main__":
-    sys.exit(cli.run(main))
+    sys.exit(console())

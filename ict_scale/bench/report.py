@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 
@@ -56,11 +57,10 @@ def markdown(data: dict) -> str:
 
 
 def main(argv=None) -> int:
-    paths = sys.argv[1:] if argv is None else argv
-    if not paths:
-        print("usage: python -m ict_scale.bench.report FILE.json [...]", file=sys.stderr)
-        return 2
-    for path in paths:
+    p = argparse.ArgumentParser(prog="python -m ict_scale.bench.report",
+                                description="Print benchmark result files (python -m ict_scale.bench) as Markdown tables.")
+    p.add_argument("paths", nargs="+", metavar="FILE.json")
+    for path in p.parse_args(argv).paths:
         with open(path) as f:
             print(f"### {path}\n\n{markdown(json.load(f))}\n")
     return 0

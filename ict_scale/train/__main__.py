@@ -78,5 +78,10 @@ def main(argv=None) -> int:
     return code
 
 
+def console() -> int:
+    """The `ict-train` command ([project.scripts] in pyproject.toml): main() with one-line errors."""
+    return cli.run(main)
+
+
 if __name__ == "__main__":
-    sys.exit(cli.run(main))
+    sys.exit(console())
