@@ -61,11 +61,11 @@ ref-stats: install
 	$(PY) -m data_prep.ref_stats --data $(DATA) --out $(OUT) $(if $(RES),--resolution $(RES)) $(if $(NUM),--num $(NUM))
 
 # The training-step benchmark; on a GPU machine e.g. BENCH_ARGS="cifar10 --modes fp32_eager,tuned --batch-per-gpu 256"
-BENCH_ARGS ?= demo --modes fp32_eager,bf16_cl --steps 10 --out bench/results/train_local_demo.json
+BENCH_ARGS ?= demo --modes fp32_eager,bf16_cl --steps 10 --out benchmarks/results/train_local_demo.json
 bench: install
 	$(PY) -m ict_scale.bench $(BENCH_ARGS)
-	$(PY) bench/data_throughput.py
-	$(PY) bench/fid_bench.py --num 64 --tiny --batch-per-rank 16 --iters 1
+	$(PY) benchmarks/data_throughput.py
+	$(PY) benchmarks/fid_bench.py --num 64 --tiny --batch-per-rank 16 --iters 1
 
 clean:
 	rm -rf runs .pytest_cache

@@ -46,7 +46,7 @@ def parse_args(argv):
     p.add_argument("--steps", type=int, default=20, help="timed steps per mode")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
     p.add_argument("--profile", action="store_true", help="also break 3 steps' GPU kernel time down by kind")
-    p.add_argument("--out", default="", help="JSON file to write (default bench/results/train_<card>_<n>x_<recipe>.json)")
+    p.add_argument("--out", default="", help="JSON file to write (default benchmarks/results/train_<card>_<n>x_<recipe>.json)")
     args = p.parse_args(argv)
     args.configs = [args.config, *(o for o in args.overrides if "=" not in o)]
     args.overrides = [o for o in args.overrides if "=" in o]
@@ -69,7 +69,7 @@ def environment(device: torch.device, peak: float | None) -> dict:
 def default_out(env: dict, recipe: str) -> str:
     card = env["device"].replace("NVIDIA ", "").split()[0].lower() if env["device"] else "cpu"
     name = os.path.splitext(os.path.basename(recipe))[0]
-    return os.path.join("bench", "results", f"train_{card}_{env['world_size']}x_{name}.json")
+    return os.path.join("benchmarks", "results", f"train_{card}_{env['world_size']}x_{name}.json")
 
 
 def release_memory() -> None:

@@ -1,6 +1,6 @@
 """On CUDA, under the recipe's compile settings (bf16, channels_last, per-block torch.compile), the student and
 the teacher pass of consistency_pair at equal sigma agree at (below) the bf16 rounding level of one forward,
-and the conditioning keeps neighbouring sigmas apart. Committed figures: bench/results/fidelity_*/.
+and the conditioning keeps neighbouring sigmas apart. Committed figures: benchmarks/results/fidelity_*/.
 """
 from __future__ import annotations
 

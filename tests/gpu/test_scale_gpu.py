@@ -1,7 +1,7 @@
 """The parallel layer on real GPUs (NCCL, bf16): skipped without 4 CUDA devices.
 
-Runs bench/scale_gpu.py's equivalence, resume and two-agent phases (about 3 minutes on 4 H100s) and
-requires every check to pass; the committed results are in bench/results/scale_gpu_*.
+Runs benchmarks/scale_gpu.py's equivalence, resume and two-agent phases (about 3 minutes on 4 H100s) and
+requires every check to pass; the committed results are in benchmarks/results/scale_gpu_*.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.slow,
 
 
 def test_backends_agree_resume_at_half_the_gpus_and_join_two_agents(tmp_path):
-    cmd = [sys.executable, os.path.join(REPO, "bench", "scale_gpu.py"), "--out", str(tmp_path),
+    cmd = [sys.executable, os.path.join(REPO, "benchmarks", "scale_gpu.py"), "--out", str(tmp_path),
            "--phases", "equivalence,resume,two_node", "--budget-s", "1200"]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1500)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -1,6 +1,6 @@
 """What checking each shard's sha256 as it is read costs next to decoding its samples.
 
-    python bench/shard_hash.py [--repeats 5] [--out bench/results/shard_hash_vm.json]
+    python benchmarks/shard_hash.py [--repeats 5] [--out benchmarks/results/shard_hash_vm.json]
 
 One shard of 256 samples per (resolution, content), built as make_shards builds them (PNG + .cls in a
 reproducible tar). Timed per shard, best of --repeats: hashing its bytes (what the loader adds), and

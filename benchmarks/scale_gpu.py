@@ -1,6 +1,6 @@
 """GPU checks of the parallel layer on one host with 4 GPUs (NCCL, bf16), results as JSON + markdown.
 
-    python bench/scale_gpu.py --out DIR [--work DIR] [--budget-s 480] [--phases equivalence,resume,two_node,throughput]
+    python benchmarks/scale_gpu.py --out DIR [--work DIR] [--budget-s 480] [--phases equivalence,resume,two_node,throughput]
 
 equivalence  single GPU (4 micro-batches) vs DDP / FSDP2 / ZeRO-2 / ZeRO-3 on 2 and 4 GPUs: per-step
              loss, and the EMA after 8 steps relative to how far it moved in the last 4 steps

@@ -1,13 +1,13 @@
 """Time a one-step FID-50k (generation + Inception features + distance) for the paper networks.
 
-    torchrun --standalone --nproc_per_node=N bench/fid_bench.py [--inception-weights FILE]
-    python bench/fid_bench.py --num 64 --tiny --batch-per-rank 16 --iters 1   # a CPU smoke run of the same code
+    torchrun --standalone --nproc_per_node=N benchmarks/fid_bench.py [--inception-weights FILE]
+    python benchmarks/fid_bench.py --num 64 --tiny --batch-per-rank 16 --iters 1   # a CPU smoke run of the same code
 
 For each recipe (NCSN++ at 32x32 unconditional = CIFAR-10, ADM at 64x64 with 1000 classes = ImageNet-64)
 it runs the evaluation stage as training does (bf16 generation by default) after an untimed warm-up,
 then measures the generator and Inception-v3 throughput alone. Generator weights are random (speed does
 not depend on them); without --inception-weights the Inception weights are random too and the output
-says "timing only". Prints a table and writes JSON under bench/results/. Under torchrun write
+says "timing only". Prints a table and writes JSON under benchmarks/results/. Under torchrun write
 --num-samples instead of --num (torchrun's own parser claims '--num').
 """
 from __future__ import annotations
@@ -137,7 +137,7 @@ def parse_args(argv):
     p.add_argument("--inception-weights", default="", help="the real weights file; omitted: random (timing only)")
     p.add_argument("--iters", type=int, default=10, help="batches timed for the generator and Inception alone")
     p.add_argument("--tiny", action="store_true", help="small generator networks (a CPU smoke run)")
-    p.add_argument("--out", default="", help="JSON path (default: bench/results/fid_<device>_<N>x.json)")
+    p.add_argument("--out", default="", help="JSON path (default: benchmarks/results/fid_<device>_<N>x.json)")
     return p.parse_args(argv)
 
 

@@ -1,6 +1,6 @@
 """Decoded samples/s of the shard loader, per worker and end to end, from local disk and a local S3 server.
 
-    python bench/data_throughput.py [--workers 1 2] [--resolutions 32 64] [--content noise synthetic]
+    python benchmarks/data_throughput.py [--workers 1 2] [--resolutions 32 64] [--content noise synthetic]
 
 Shards are written by make_shards from files in the official CIFAR-10 / Imagenet64 layouts, filled with
 either uniform noise (incompressible PNGs: larger than real photos, a pessimistic bound) or the

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The training-speed measurements behind BENCHMARKS.md, on one host with 1-4 GPUs.
 #
-#   bash bench/speed_suite.sh single  OUT_DIR [GPU]   # one GPU: every mode, both recipes, profiles
-#   bash bench/speed_suite.sh batch   OUT_DIR [GPU]   # one GPU: larger batches, the real loader
-#   bash bench/speed_suite.sh scaling OUT_DIR         # 2 and 4 GPUs: DDP, FSDP2, ZeRO-2 (weak scaling)
+#   bash benchmarks/speed_suite.sh single  OUT_DIR [GPU]   # one GPU: every mode, both recipes, profiles
+#   bash benchmarks/speed_suite.sh batch   OUT_DIR [GPU]   # one GPU: larger batches, the real loader
+#   bash benchmarks/speed_suite.sh scaling OUT_DIR         # 2 and 4 GPUs: DDP, FSDP2, ZeRO-2 (weak scaling)
 #
 # Each line is a `python -m ict_scale.bench` run; its JSON lands in OUT_DIR. The real-loader runs read
 # local shards of the procedural data set made first (make_shards), so decoding and the DataLoader

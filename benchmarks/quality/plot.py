@@ -1,6 +1,6 @@
-"""Curves and the ablation table of the quality runs (bench/quality/run_ablation.sh).
+"""Curves and the ablation table of the quality runs (benchmarks/quality/run_ablation.sh).
 
-    python bench/quality/plot.py RUNS_DIR --out bench/results/quality
+    python benchmarks/quality/plot.py RUNS_DIR --out benchmarks/results/quality
 
 RUNS_DIR holds one run directory per variant (metrics.jsonl, config.yaml, samples/). Writes
 fcd_curves.png (FCD of one- and two-step samples against images seen), loss_curves.png, ablation.json,
@@ -65,8 +65,8 @@ def _fmt(v, digits=2) -> str:
 
 def markdown(rows: list[dict], hardware: str) -> str:
     step = rows[0]["common_step"]
-    source = (f"From the runs of `bench/quality/run_ablation.sh` on {hardware or 'unrecorded hardware'}, by "
-              f"`python bench/quality/plot.py RUNS --out bench/results/quality --hardware '{hardware}'`. "
+    source = (f"From the runs of `benchmarks/quality/run_ablation.sh` on {hardware or 'unrecorded hardware'}, by "
+              f"`python benchmarks/quality/plot.py RUNS --out benchmarks/results/quality --hardware '{hardware}'`. "
               "img/s per run: median of the trainer's log lines.\n\n")
     head = (f"| variant | FCD 1-step @ step {step} | FCD 2-step @ step {step} | best FCD 1-step (step) | "
             "steps run / planned | img/s per run |")
@@ -111,7 +111,7 @@ def _finish(fig, ax, out: Storage, name: str, ylabel: str, title: str) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs_dir")
-    p.add_argument("--out", default="bench/results/quality")
+    p.add_argument("--out", default="benchmarks/results/quality")
     p.add_argument("--hardware", default="", help="where the runs ran, for the table's header (e.g. the GPU model)")
     args = p.parse_args(argv)
     names = [n for n in ORDER if os.path.exists(os.path.join(args.runs_dir, n, "metrics.jsonl"))]

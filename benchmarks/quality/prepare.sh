@@ -2,7 +2,7 @@
 # statistics (each made once). Sets work, PY, clf, data and ref.
 work=${QUALITY_WORK:-/tmp/ict_quality}
 PY=${PY:-python3}
-clf=bench/results/quality/classifier_synthetic32.safetensors
+clf=benchmarks/results/quality/classifier_synthetic32.safetensors
 data=$work/shards
 ref=$work/ref_fcd_train.npz
 mkdir -p "$work/logs"

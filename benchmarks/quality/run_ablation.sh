@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The ablation runs behind QUALITY.md: iCT and each baseline option trained on the same procedural data,
 # seeds and budget, scored during training by FCD (Frechet distance on the features of the classifier in
-# bench/results/quality/, validated in metric_validation.md).
+# benchmarks/results/quality/, validated in metric_validation.md).
 #
-#   bash bench/quality/run_ablation.sh SECONDS GPU:VARIANT [GPU:VARIANT ...]
+#   bash benchmarks/quality/run_ablation.sh SECONDS GPU:VARIANT [GPU:VARIANT ...]
 #
 # VARIANT is `ict` (configs/quality/base.yaml alone) or the name of an override file in configs/quality/.
 # Several variants may share a GPU. Each run stops after SECONDS with a checkpoint (SIGTERM is the
@@ -13,7 +13,7 @@
 set -euo pipefail
 secs=${1:?seconds per call}; shift
 export OMP_NUM_THREADS=4
-source bench/quality/prepare.sh
+source benchmarks/quality/prepare.sh
 
 for spec in "$@"; do
   gpu=${spec%%:*}; variant=${spec#*:}

@@ -7,21 +7,21 @@ Recreate everything from nothing (about 6-10 minutes on 2 CPU cores, most of it 
     python -m data_prep.make_shards --dataset synthetic --split val --num 40000 --num-classes 32 --resolution 32 \\
         --out shards/synthetic32/val
     python -m data_prep.train_classifier --data shards/synthetic32/train/manifest.json \\
-        --val shards/synthetic32/val/manifest.json --out bench/results/quality/classifier_synthetic32.safetensors
-    python bench/quality/validate_metric.py --train shards/synthetic32/train/manifest.json \\
-        --val shards/synthetic32/val/manifest.json --weights bench/results/quality/classifier_synthetic32.safetensors
+        --val shards/synthetic32/val/manifest.json --out benchmarks/results/quality/classifier_synthetic32.safetensors
+    python benchmarks/quality/validate_metric.py --train shards/synthetic32/train/manifest.json \\
+        --val shards/synthetic32/val/manifest.json --weights benchmarks/results/quality/classifier_synthetic32.safetensors
 
 (The val split holds synthetic indices from 2**40 on: disjoint from the training shards.) Reference statistics
 for training runs come from the same classifier and the same training shards:
 
     python -m data_prep.ref_stats --data shards/synthetic32/train/manifest.json --features classifier \\
-        --classifier-weights bench/results/quality/classifier_synthetic32.safetensors --num 20000 \\
+        --classifier-weights benchmarks/results/quality/classifier_synthetic32.safetensors --num 20000 \\
         --out shards/synthetic32/fcd_ref.npz
 
 This script computes the reference from the first --ref-num training images (the code path of
 data_prep.ref_stats), then the FCD of equally sized sets of held-out images, clean and degraded in five
 families of three increasing levels. A good metric is near zero on held-out data and rises monotonically with
-each family's severity. Writes bench/results/quality/metric_validation.{json,md}; exits 1 if a check fails.
+each family's severity. Writes benchmarks/results/quality/metric_validation.{json,md}; exits 1 if a check fails.
 """
 from __future__ import annotations
 
@@ -223,7 +223,7 @@ def main(argv=None) -> int:
         print(f"{family:26s} {'' if level is None else level:>8}  FCD {terms.fid:9.4f}", flush=True)
     families = check(rows)
     data = open(args.weights, "rb").read()
-    report = {"command": "python bench/quality/validate_metric.py " + " ".join(argv),
+    report = {"command": "python benchmarks/quality/validate_metric.py " + " ".join(argv),
               "date": time.strftime("%Y-%m-%d"), "num": args.num, "seed": args.seed,
               "classifier": {"weights": args.weights, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
                              "held_out_accuracy": features.protocol["held_out_accuracy"],

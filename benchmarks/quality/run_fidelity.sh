@@ -2,7 +2,7 @@
 # The fast-path A/B behind QUALITY.md's fidelity table: the iCT recipe of configs/quality/base.yaml trained in
 # each precision / compile / backend configuration of configs/quality/fidelity/, with several seeds, scored by FCD.
 #
-#   bash bench/quality/run_fidelity.sh SECONDS GPUS:VARIANT:SEED [GPUS:VARIANT:SEED ...]
+#   bash benchmarks/quality/run_fidelity.sh SECONDS GPUS:VARIANT:SEED [GPUS:VARIANT:SEED ...]
 #
 # GPUS is one index ("0") or a comma list ("0,1": torchrun, one rank per GPU). Each run stops after SECONDS
 # with a checkpoint and resumes on the next call; a finished run exits at once. Work files go to
@@ -10,7 +10,7 @@
 set -euo pipefail
 secs=${1:?seconds per call}; shift
 export OMP_NUM_THREADS=2 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-source bench/quality/prepare.sh
+source benchmarks/quality/prepare.sh
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$work/inductor}
 
 port=29600
