@@ -169,7 +169,7 @@ class _RunsCode:
 
 def test_checkpoint_metadata_that_would_run_code_is_refused(tmp_path, capsys):
     from ict_scale.parallel import dcp_io
-    from ict_scale.train.export import load_ema_model
+    from ict_scale.checkpoint.load import load_ema_model
     run_dir, marker = tmp_path / "run", tmp_path / "pwned"
     args = ("train.total_steps=3", "train.ckpt_every=1")
     assert cli(run_dir, *args, "train.max_steps_this_run=2") == 0
