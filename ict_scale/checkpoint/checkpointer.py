@@ -58,6 +58,10 @@ class Checkpointer:
         (self.sharded if sharded else self.host)[name] = piece
 
     # -- where checkpoints are --------------------------------------------------------------------
+    def name(self, step: int) -> str:
+        """The checkpoint's path relative to the run dir (checkpoints/step_000000123)."""
+        return self.catalog.name(step)
+
     def url(self, step: int) -> str:
         return self.catalog.url(step)
 

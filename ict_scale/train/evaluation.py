@@ -27,5 +27,5 @@ def evaluate(run: Run) -> dict:
     """FID of the EMA model on every rank; rank 0 records it beside the checkpoint of this step."""
     from ict_scale.eval.fid import sample_spec
     return run.evaluator.run(run.backend.eval_model(run.ema), sample_spec(run.cfg), step=run.step,
-                             run_dir=run.cfg.train.run_dir, checkpoint=run.ckpt.catalog.name(run.step),
+                             run_dir=run.cfg.train.run_dir, checkpoint=run.ckpt.name(run.step),
                              autocast=run.backend.autocast, storage_options=run.storage.storage_options)

@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 from ict_scale.checkpoint import Storage
 from ict_scale.checkpoint.checkpointer import Checkpointer
 from ict_scale.config import ConfigError, check_teacher, to_yaml
-from ict_scale.data import StorageError, build_loader
+from ict_scale.data import StorageError, StreamingLoader, build_loader
 from ict_scale.data import storage as data_storage
 from ict_scale.data.samples import SKIP_REASONS
 from ict_scale.parallel import comm
@@ -33,7 +33,7 @@ class DivergenceError(RuntimeError):
 class Run:
     cfg: DictConfig
     backend: Backend
-    loader: Iterator[tuple[torch.Tensor, torch.Tensor]]  # the StreamingLoader, or the benchmark's device batches
+    loader: StreamingLoader | Iterator[tuple[torch.Tensor, torch.Tensor]]  # or the benchmark's device batches
     ema: EMA
     num_params: int
     progress: Progress = field(default_factory=Progress)
@@ -136,11 +136,12 @@ def open_run_dir(cfg) -> tuple[Storage, str | None]:
     endpoint or rejected storage options fail at once and name train.run_dir (bounded retries, as for data)."""
     url = cfg.train.run_dir
     options, note = run_dir_options(cfg)
+    key = "data.storage_options" if note else "train.storage_options"
     try:
         storage = Storage(url, data_storage.resolve_options(url, options))
         storage.listdir()
     except Exception as e:
-        raise StorageError(f"train.run_dir={url}: {data_storage.describe(e)}") from e
+        raise StorageError(f"train.run_dir={url}: {data_storage.describe(e, key)}") from e
     return storage, note
 
 

@@ -23,7 +23,7 @@ BACKENDS = {"ddp": ["parallel.backend=ddp"],
 
 def options_override(opts: dict) -> str:
     endpoint = opts["client_kwargs"]["endpoint_url"]
-    return (f"data.storage_options={{key: {opts['key']}, secret: {opts['secret']}, "
+    return (f"train.storage_options={{key: {opts['key']}, secret: {opts['secret']}, "
             f"client_kwargs: {{endpoint_url: '{endpoint}'}}}}")
 
 
