@@ -142,3 +142,14 @@ def test_the_run_dir_has_its_own_storage_options_and_the_data_key_still_works_wi
     old, note = run_dir_options(load_config([], [data]))
     assert old == {"anon": True} and "deprecated" in note and "train.storage_options" in note
     assert run_dir_options(load_config([], [])) == ({}, None)
+
+
+def test_a_name_is_registered_once(tmp_path):
+    from ict_scale.checkpoint import Storage
+    from ict_scale.checkpoint.checkpointer import Checkpointer
+    ckpt = Checkpointer(Storage(str(tmp_path)), model=None, rank=0, world_size=1, config_yaml="")
+    toy = ToyTensors(type("R", (), {"progress": None})())
+    ckpt.register("toy", toy, sharded=True)
+    for name in ("toy", "a/b"):
+        with pytest.raises(ValueError, match="cannot register run state"):
+            ckpt.register(name, toy)
