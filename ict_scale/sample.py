@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ict_scale import cli
-from ict_scale.train.export import load_ema_model
+from ict_scale.checkpoint.load import load_ema_model
 from ict_scale.train.grids import grid_png, sample_images
 
 

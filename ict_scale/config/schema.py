@@ -5,7 +5,7 @@ Each section is a dataclass; a field's comment is its documentation (shown by `-
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 from ict_scale.data.config import DataConfig
 from ict_scale.eval.config import EvalConfig
@@ -59,6 +59,8 @@ class OptimConfig:
 class TrainConfig:
     """The training run: budget, batch, precision, EMA, schedule of logging and checkpoints."""
     run_dir: str = "runs/demo"        # local path or s3:// URL; holds config, metrics, grids, checkpoints
+    storage_options: Dict[str, Any] = field(default_factory=dict)  # fsspec options of run_dir (as data.storage_options
+                                      # for the data); unset: data.storage_options, as before (deprecated)
     total_steps: int = 400000         # K: total optimiser steps (sets the curriculum)
     batch_size: int = 1024            # global batch per optimiser step (all ranks, all micro-batches)
     batch_per_gpu: int = 128          # micro-batch per rank; accumulation = batch_size / (batch_per_gpu * world)

@@ -9,7 +9,9 @@ from ict_scale.config import ConfigError, load_config
 from ict_scale.ict import ct_teacher_decay
 from ict_scale.parallel import dcp_io
 from ict_scale.train.loop import apply_or_skip, next_micro_batches, train
-from ict_scale.train.run import TEACHER_PREFIX, check_resume_config, setup
+from ict_scale.checkpoint.layout import TEACHER_PREFIX
+from ict_scale.checkpoint.resume import check_resume_config
+from ict_scale.train.run import setup
 from ict_scale.train.signals import PreemptionFlag
 from ict_scale.train.step import teacher_decay_for, train_step
 
