@@ -15,6 +15,7 @@ from ict_scale.config import ConfigError, check_teacher, to_yaml
 from ict_scale.data import StorageError, build_loader
 from ict_scale.data import storage as data_storage
 from ict_scale.data.samples import SKIP_REASONS
+from ict_scale.ict import ICTLoss
 from ict_scale.parallel import ckpt_files, comm
 from ict_scale.parallel.backend import build_backend
 
@@ -35,6 +36,7 @@ class Run:
     ema: EMA
     loader: object
     num_params: int
+    objective: ICTLoss  # the loss of a step; N(k) and mu(k) are functions of `step`, nothing to save
     evaluator: object = None
     teacher: EMATeacher | None = None  # original CT's EMA teacher (ict.teacher=ema); None = iCT's, the student
     step: int = 0
@@ -90,7 +92,8 @@ def build_run(cfg, storage: Storage | None, make_batches=None) -> Run:
     ckpts = CheckpointManager(storage, cfg.train.keep_last, verify=checkpoint_verifier(storage)) \
         if storage is not None else None
     return Run(cfg, backend, storage, ckpts, EMA(backend.ema_targets()), batches, num_params,
-               build_evaluator(cfg, backend), teacher=build_teacher(cfg, backend))
+               ICTLoss(cfg.ict, cfg.train.total_steps), build_evaluator(cfg, backend),
+               teacher=build_teacher(cfg, backend))
 
 
 # Files the run writes into each checkpoint beside the backend's bytes.
