@@ -9,16 +9,17 @@ from typing import Any, Dict, List, Optional
 
 from ict_scale.data.config import DataConfig
 from ict_scale.eval.config import EvalConfig
+from ict_scale.ict.schedule import RHO, SIGMA_DATA, SIGMA_MAX, SIGMA_MIN
 from ict_scale.parallel.config import ParallelConfig
 
 
 @dataclass
 class ICTConfig:
     """The iCT method's constants (Song & Dhariwal 2023); the defaults are the paper's."""
-    sigma_min: float = 0.002          # smallest noise level; f(x, sigma_min) = x
-    sigma_max: float = 80.0           # largest noise level, where one-step sampling starts
-    rho: float = 7.0                  # Karras discretisation exponent
-    sigma_data: float = 0.5           # data standard deviation used by c_skip/c_out/c_in
+    sigma_min: float = SIGMA_MIN      # smallest noise level; f(x, sigma_min) = x
+    sigma_max: float = SIGMA_MAX      # largest noise level, where one-step sampling starts
+    rho: float = RHO                  # Karras discretisation exponent
+    sigma_data: float = SIGMA_DATA    # data standard deviation used by c_skip/c_out/c_in
     s0: int = 10                      # initial number of discretisation intervals
     s1: int = 1280                    # final number of discretisation intervals
     p_mean: float = -1.1              # mean of the lognormal noise-level distribution

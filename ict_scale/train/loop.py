@@ -14,7 +14,7 @@ from .evaluation import evaluate
 from .run import DivergenceError, Register, Run, data_skips, run_complete_message, setup
 from .signals import PreemptionFlag
 from .summary import end_of_run
-from .step import teacher_decay_for, train_step
+from .step import train_step
 from .trackers import Trackers, build_trackers
 
 
@@ -50,7 +50,7 @@ def apply_or_skip(run: Run, result, preempt: PreemptionFlag) -> bool:
         targets = run.backend.ema_targets()
         run.ema.update(targets, run.cfg.train.ema_decay)
         if run.teacher is not None:  # original CT: theta^- follows theta at mu(k), after every applied step
-            run.teacher.update(targets, teacher_decay_for(run.cfg.ict, result.num_scales, run.cfg.train.total_steps))
+            run.teacher.update(targets, run.objective.teacher_decay(run.step))
         progress.nonfinite_run = 0
     return bool(stop)
 
@@ -61,7 +61,7 @@ def optimise_step(run: Run, micro_batches, preempt: PreemptionFlag):
     Returns (StepResult, whether to stop for preemption); the caller advances run.progress.
     """
     teacher = run.teacher.module if run.teacher is not None else None
-    result = train_step(run.backend, micro_batches, run.step, run.cfg, teacher=teacher)
+    result = train_step(run.backend, run.objective, micro_batches, run.step, run.cfg.train.seed, teacher=teacher)
     return result, apply_or_skip(run, result, preempt)
 
 

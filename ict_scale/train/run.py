@@ -13,6 +13,7 @@ from ict_scale.config import ConfigError, check_teacher, to_yaml
 from ict_scale.data import StorageError, StreamingLoader, build_loader
 from ict_scale.data import storage as data_storage
 from ict_scale.data.samples import SKIP_REASONS
+from ict_scale.ict import ICTLoss
 from ict_scale.parallel import comm
 from ict_scale.parallel.backend import Backend, build_backend
 
@@ -36,6 +37,7 @@ class Run:
     loader: StreamingLoader | Iterator[tuple[torch.Tensor, torch.Tensor]]  # or the benchmark's device batches
     ema: EMA
     num_params: int
+    objective: ICTLoss  # the loss of a step; N(k) and mu(k) are functions of `step`, nothing to save
     progress: Progress = field(default_factory=Progress)
     teacher: EMATeacher | None = None  # original CT's EMA teacher (ict.teacher=ema); None = iCT's, the student
     evaluator: FIDEvaluator | None = None
@@ -94,7 +96,8 @@ def build_run(cfg, storage: Storage | None, make_batches=None, register: Registe
     batches = make_batches(backend) if make_batches else build_loader(
         cfg.data, batch_per_rank=cfg.train.batch_per_gpu, rank=backend.rank, world_size=backend.world_size,
         seed=cfg.train.seed)
-    run = Run(cfg, backend, batches, EMA(backend.ema_targets()), num_params, teacher=build_teacher(cfg, backend),
+    run = Run(cfg, backend, batches, EMA(backend.ema_targets()), num_params,
+              ICTLoss(cfg.ict, cfg.train.total_steps), teacher=build_teacher(cfg, backend),
               evaluator=build_evaluator(cfg, backend), storage=storage)
     if storage is not None:
         run.ckpt = build_checkpointer(run)

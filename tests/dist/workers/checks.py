@@ -59,7 +59,7 @@ def step(run, data, poison_rank: int | None = None):
     if run.backend.rank == poison_rank:
         x, y = batches[0]
         batches[0] = (torch.full_like(x, float("nan")), y)
-    result = train_step(run.backend, batches, run.step, run.cfg)
+    result = train_step(run.backend, run.objective, batches, run.step, run.cfg.train.seed)
     apply_or_skip(run, result, PreemptionFlag(signals=()))
     run.progress.step += 1
     return result
