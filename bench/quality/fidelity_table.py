@@ -19,7 +19,7 @@ import sys
 import matplotlib
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from plot import load_run  # noqa: E402  (the quality runs' shared reader)
+from plot import copy_last_grids, load_run  # noqa: E402  (the quality runs' shared reader)
 
 from ict_scale.checkpoint import Storage  # noqa: E402
 
@@ -134,11 +134,7 @@ def main(argv=None) -> int:
     plot(variants, out)
     for variant, seeds in variants.items():
         for seed in seeds:
-            for k in (1, 2):
-                grid = os.path.join(args.runs_dir, f"{variant}_s{seed}", "samples", f"latest_{k}step.png")
-                if os.path.exists(grid):
-                    with open(grid, "rb") as f:
-                        out.write_bytes(f"grids/{variant}_s{seed}_{k}step.png", f.read())
+            copy_last_grids(os.path.join(args.runs_dir, f"{variant}_s{seed}"), out, f"{variant}_s{seed}")
     print(markdown(rows, args.hardware))
     return 0
 
