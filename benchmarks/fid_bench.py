@@ -23,10 +23,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from ict_scale.eval import (EvalConfig, FIDEvaluator, RefStats, SampleSpec, build_inception,  # noqa: E402
-                            generate_uint8)
+from ict_scale.eval import EvalConfig, FIDEvaluator, RefStats, SampleSpec, build_inception  # noqa: E402
 from ict_scale.eval.runtime import sampling_autocast  # noqa: E402
-from ict_scale.ict import ConsistencyModel  # noqa: E402
+from ict_scale.ict import ConsistencyModel, generate_uint8, sampling_sigmas  # noqa: E402
 from ict_scale.networks import build_network, network_c_noise  # noqa: E402
 from ict_scale.parallel import comm  # noqa: E402
 from ict_scale.parallel.launch_env import device_for  # noqa: E402
@@ -68,7 +67,8 @@ def generator_throughput(model, spec: SampleSpec, batch: int, iters: int, autoca
     device = next(model.parameters()).device
     z = torch.randn((batch, *spec.shape), device=device)
     labels = torch.randint(0, spec.num_classes, (batch,), device=device) if spec.num_classes else None
-    return _throughput(lambda: generate_uint8(model, z, [], labels, (spec.sigma_max,), spec.sigma_min, autocast),
+    sigmas = sampling_sigmas(1, spec.sigma_max, spec.sigma_mid)
+    return _throughput(lambda: generate_uint8(model, z, [], labels, sigmas, spec.sigma_min, autocast),
                        batch, iters, device)
 
 

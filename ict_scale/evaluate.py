@@ -26,7 +26,7 @@ from ict_scale.parallel import comm
 def load_model_for_eval(path: str, device):
     """(EMA consistency model in eval mode on `device`, resolved run config, checkpoint URL) from a run
     directory (its newest complete checkpoint), a checkpoint directory or an exported .safetensors."""
-    from ict_scale.train.export import load_ema_model
+    from ict_scale.checkpoint.load import load_ema_model
     model, cfg, checkpoint = load_ema_model(path, device)
     return model.eval().requires_grad_(False), cfg, checkpoint
 

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from ict_scale import cli
 from ict_scale.config import to_yaml
-from ict_scale.train.export import load_ema_model
+from ict_scale.checkpoint.load import load_ema_model
 from ict_scale.train.model import network_args
 
 

@@ -13,9 +13,10 @@ import numpy as np
 import torch
 
 from ict_scale import cli
+from ict_scale.checkpoint.load import load_ema_model
 from ict_scale.data.config import label_dim
+from ict_scale.ict import sampling_noise
 from ict_scale.parallel.launch_env import device_for
-from ict_scale.train.export import load_ema_model
 from ict_scale.train.grids import grid_png, sample_images
 
 
@@ -35,8 +36,8 @@ def main(argv=None) -> int:
     model, cfg, ckpt = load_ema_model(args.path, device)
     res, num_classes = cfg.data.resolution, label_dim(cfg.data)
     g = torch.Generator().manual_seed(args.seed)
-    z = torch.randn((args.num, 3, res, res), generator=g).to(device)
-    renoise = torch.randn((args.num, 3, res, res), generator=g).to(device)
+    z, renoise = sampling_noise(args.num, (3, res, res), g)  # z, then the re-noise: 1- and 2-step share z
+    z, renoise = z.to(device), [r.to(device) for r in renoise]
     labels = None
     if num_classes:
         labels = (torch.full((args.num,), args.class_label) if args.class_label is not None

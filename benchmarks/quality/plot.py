@@ -108,6 +108,15 @@ def _finish(fig, ax, out: Storage, name: str, ylabel: str, title: str) -> None:
     out.write_bytes(name, png.getvalue())  # atomic, like every other result file
 
 
+def copy_last_grids(run_dir: str, out: Storage, name: str) -> None:
+    """The run's last one- and two-step grids as grids/<name>_<k>step.png under `out`."""
+    for k in (1, 2):
+        grid = os.path.join(run_dir, "samples", f"latest_{k}step.png")
+        if os.path.exists(grid):
+            with open(grid, "rb") as f:
+                out.write_bytes(f"grids/{name}_{k}step.png", f.read())
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs_dir")
@@ -127,11 +136,7 @@ def main(argv=None) -> int:
     out.write_text("ablation.md", markdown(rows, args.hardware))
     plot(runs, out)
     for n in names:
-        for k in (1, 2):
-            grid = os.path.join(args.runs_dir, n, "samples", f"latest_{k}step.png")
-            if os.path.exists(grid):
-                with open(grid, "rb") as f:
-                    out.write_bytes(f"grids/{n}_{k}step.png", f.read())
+        copy_last_grids(os.path.join(args.runs_dir, n), out, n)
     print(markdown(rows, args.hardware))
     return 0
 

@@ -19,7 +19,7 @@ import sys
 import torch
 
 from ict_scale.config import load_config
-from ict_scale.ict import consistency_pair, karras_sigmas
+from ict_scale.ict import P_MEAN, P_STD, SIGMA_MAX, SIGMA_MIN, consistency_pair, karras_sigmas
 
 FINEST_N = 1281
 INTERVALS = {"lowest": 0, "middle": (FINEST_N - 1) // 2, "highest": FINEST_N - 2}
@@ -31,7 +31,7 @@ def conditioning_difference(model, net, resolution: int, autocast, device=None) 
     outputs = []
     hooks = [block.emb_proj.register_forward_hook(lambda m, args, out: outputs.append(out.detach().float()))
              for block in net.shard_units()]
-    sigmas = karras_sigmas(FINEST_N, 0.002, 80.0, 7.0)
+    sigmas = karras_sigmas(FINEST_N)  # the paper's sigma_min, sigma_max and rho
     result = {}
     try:
         for name, i in INTERVALS.items():
@@ -84,7 +84,7 @@ def paired_difference(cfg, backend, batch: int, seed: int = 0) -> dict[str, floa
     g = torch.Generator(device="cpu").manual_seed(seed)
     x = (torch.rand(batch, 3, res, res, generator=g) * 2 - 1).to(device)
     z = torch.randn(batch, 3, res, res, generator=g).to(device)
-    sigma = torch.exp(-1.1 + 2.0 * torch.randn(batch, generator=g)).clamp(0.002, 80.0).to(device)
+    sigma = torch.exp(P_MEAN + P_STD * torch.randn(batch, generator=g)).clamp(SIGMA_MIN, SIGMA_MAX).to(device)
     if cfg.train.channels_last and device.type == "cuda":
         x, z = x.contiguous(memory_format=torch.channels_last), z.contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, backend.module.net.label_dim, (batch,), generator=g).to(device) \

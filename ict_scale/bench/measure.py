@@ -178,7 +178,7 @@ class Bench:
             waits.append(time.perf_counter() - t0)
             result, _ = optimise_step(run, batches, flag)  # with the loop's one host sync per step
             losses.append(result.loss)
-            run.step += 1
+            run.progress.step += 1
 
         t0 = time.perf_counter()
         for _ in range(warmup):

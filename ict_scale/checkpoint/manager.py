@@ -1,10 +1,11 @@
-"""Checkpoint policy: naming, the commit marker, keep-last-k, and finding the newest complete one.
+"""Checkpoint policy, the Checkpointer's catalogue: naming, the commit marker, keep-last-k (and the best),
+and finding the newest complete one.
 
-The bytes are written by the parallel backend (DCP or the DeepSpeed engine); this module only decides
-where, and when a checkpoint counts. A checkpoint is complete only once its COMMIT marker exists, and
+The bytes are written by the parallel backend (DCP or the DeepSpeed engine) and the Checkpointer; this module
+only decides where, and when a checkpoint counts. A checkpoint is complete only once its COMMIT marker exists, and
 the marker is written by rank 0 after every rank has finished writing, so an interrupted save is never
 picked up by auto-resume. Before writing the marker the manager checks that every file the checkpoint
-needs is there (`verify`, given by the run: it knows the byte format), and at start-up it skips, with a
+needs is there (`verify`: layout.checkpoint_verifier, which knows the byte formats), and at start-up it skips, with a
 report, a marked checkpoint that fails the same check (written by an older version, or damaged since).
 """
 from __future__ import annotations

@@ -43,6 +43,23 @@ def invariant_diffs(cfg, saved) -> list[str]:
     return diffs
 
 
+def judge_data(old_source: str, new_source: str, saved_fingerprint: str | None,
+               fingerprint: str | None) -> tuple[str | None, str | None]:
+    """(why the data is not the checkpoint's, or None; a note, or None). The fingerprint is the data's identity:
+    `data.source` is only where it is. Without both fingerprints (a loader that has none), the source decides."""
+    if saved_fingerprint is None or fingerprint is None:
+        if old_source != new_source:
+            return f"the config changed (data.source: checkpoint {old_source!r}, now {new_source!r})", None
+        return None, None
+    if saved_fingerprint != fingerprint:
+        return (f"the data differs: data.source={new_source!r} holds other samples (fingerprint {fingerprint}) "
+                f"than the checkpoint's data.source={old_source!r} (fingerprint {saved_fingerprint})"), None
+    if old_source != new_source:
+        return None, (f"data.source moved: checkpoint {old_source!r}, now {new_source!r}; the same shards "
+                      f"(fingerprint {fingerprint}), so the sample order continues")
+    return None, None
+
+
 def check_resume_config(cfg, saved_yaml: str, ckpt_url: str, saved_fingerprint: str | None = None,
                         fingerprint: str | None = None) -> list[str]:
     """Refuse to continue a checkpoint under a config that would silently change the run; return notes.
@@ -51,21 +68,14 @@ def check_resume_config(cfg, saved_yaml: str, ckpt_url: str, saved_fingerprint: 
     shards resumes (with a note); different shards are refused whatever the source says.
     """
     saved = OmegaConf.create(saved_yaml)
-    diffs, notes = invariant_diffs(cfg, saved), []
-    old_source, new_source = OmegaConf.select(saved, "data.source"), cfg.data.source
-    if saved_fingerprint is None or fingerprint is None:
-        if old_source != new_source:
-            diffs.append(f"data.source: checkpoint {old_source!r}, now {new_source!r}")
-    elif saved_fingerprint != fingerprint:
-        diffs.append(f"data.source: checkpoint {old_source!r}, now {new_source!r}, and the data differs "
-                     f"(fingerprint {saved_fingerprint}, now {fingerprint})")
-    elif old_source != new_source:
-        notes.append(f"data.source moved: checkpoint {old_source!r}, now {new_source!r}; the same shards "
-                     f"(fingerprint {fingerprint}), so the sample order continues")
-    if diffs:
-        raise ConfigError(f"cannot resume {ckpt_url}: the config changed ({'; '.join(diffs)}); set those values "
-                          f"back, or give this run a new train.run_dir")
-    return notes
+    diffs = invariant_diffs(cfg, saved)
+    problem, note = judge_data(OmegaConf.select(saved, "data.source"), cfg.data.source, saved_fingerprint,
+                               fingerprint)
+    problems = ([f"the config changed ({'; '.join(diffs)})"] if diffs else []) + ([problem] if problem else [])
+    if problems:
+        raise ConfigError(f"cannot resume {ckpt_url}: {'; and '.join(problems)}; set those values back, or give "
+                          f"this run a new train.run_dir")
+    return [note] if note else []
 
 
 def _shown(value) -> str:

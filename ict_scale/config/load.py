@@ -49,7 +49,8 @@ def _check_keys(schema, values, source: str, prefix: str = "") -> None:
 
 
 # What a free-form mapping key expects, for the error when it gets something else.
-_MAPPING_EXAMPLES = {"data.storage_options": "data.storage_options='{client_kwargs: {endpoint_url: http://host:9000}}'"}
+_MAPPING_EXAMPLES = {f"{s}.storage_options": f"{s}.storage_options='{{client_kwargs: {{endpoint_url: http://host:9000}}}}'"
+                     for s in ("data", "train")}
 
 
 def _field_type(key: str):

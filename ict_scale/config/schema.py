@@ -7,11 +7,12 @@ merged, and config.load turns that into one line naming the key and the allowed 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Literal, Optional
+from typing import Any, Dict, List, Literal, Optional
 
 from ict_scale.data.config import DataConfig
 from ict_scale.errors import ConfigError
 from ict_scale.eval.config import EvalConfig
+from ict_scale.ict.schedule import RHO, SIGMA_DATA, SIGMA_MAX, SIGMA_MIN
 from ict_scale.parallel.config import ParallelConfig, Precision, TeacherPass
 
 Metric = Literal["pseudo_huber", "l2"]
@@ -24,10 +25,10 @@ LoggerName = Literal["jsonl", "tensorboard", "wandb"]  # the trackers of ict_sca
 @dataclass
 class ICTConfig:
     """The iCT method's constants (Song & Dhariwal 2023); the defaults are the paper's."""
-    sigma_min: float = 0.002          # smallest noise level; f(x, sigma_min) = x
-    sigma_max: float = 80.0           # largest noise level, where one-step sampling starts
-    rho: float = 7.0                  # Karras discretisation exponent
-    sigma_data: float = 0.5           # data standard deviation used by c_skip/c_out/c_in
+    sigma_min: float = SIGMA_MIN      # smallest noise level; f(x, sigma_min) = x
+    sigma_max: float = SIGMA_MAX      # largest noise level, where one-step sampling starts
+    rho: float = RHO                  # Karras discretisation exponent
+    sigma_data: float = SIGMA_DATA    # data standard deviation used by c_skip/c_out/c_in
     s0: int = 10                      # initial number of discretisation intervals
     s1: int = 1280                    # final number of discretisation intervals
     p_mean: float = -1.1              # mean of the lognormal noise-level distribution
@@ -69,6 +70,8 @@ class OptimConfig:
 class TrainConfig:
     """The training run: budget, batch, precision, EMA, schedule of logging and checkpoints."""
     run_dir: str = "runs/demo"        # local path or s3:// URL; holds config, metrics, grids, checkpoints
+    storage_options: Dict[str, Any] = field(default_factory=dict)  # fsspec options of run_dir (as data.storage_options
+                                      # for the data); unset: data.storage_options, as before (deprecated)
     total_steps: int = 400000         # K: total optimiser steps (sets the curriculum)
     batch_size: int = 1024            # global batch per optimiser step (all ranks, all micro-batches)
     batch_per_gpu: int = 128          # micro-batch per rank; accumulation = batch_size / (batch_per_gpu * world)

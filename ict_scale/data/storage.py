@@ -37,16 +37,16 @@ NO_CREDENTIALS = ("NoCredentialsError", "PartialCredentialsError", "ProfileNotFo
 UNREACHABLE = ("EndpointConnectionError", "ConnectTimeoutError", "ProxyConnectionError")
 
 
-def describe(e: BaseException) -> str:
-    """The cause in a few words, saying what to set for the common ones."""
+def describe(e: BaseException, options_key: str = "data.storage_options") -> str:
+    """The cause in a few words, saying what to set for the common ones (`options_key`: where the options came from)."""
     name = type(e).__name__
     if name in NO_CREDENTIALS:
         return (f"no credentials ({e}): set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), "
-                "or key and secret in data.storage_options")
+                f"or key and secret in {options_key}")
     if name in UNREACHABLE:
-        return f"endpoint unreachable ({e}); check AWS_ENDPOINT_URL or data.storage_options.client_kwargs.endpoint_url"
+        return f"endpoint unreachable ({e}); check AWS_ENDPOINT_URL or {options_key}.client_kwargs.endpoint_url"
     if isinstance(e, TypeError):  # an option the filesystem or its client does not take
-        return f"data.storage_options rejected ({e})"
+        return f"{options_key} rejected ({e})"
     return f"{name}: {e}"
 
 

@@ -6,7 +6,7 @@ from .config import EvalConfig, check_eval_config
 from .features import FEATURE_EXTRACTORS, build_features, extractor_of, feature_dim_of, metric_of
 from .fid import FIDEvaluator, SampleSpec, check_compatible, sample_spec
 from .frechet import FEATURE_DIM, FeatureMoments, FrechetTerms, all_reduce_moments, frechet_distance
-from .generate import generate_uint8, rank_indices, sample_inputs, sample_rng, sampling_sigmas
+from .generate import rank_indices, sample_inputs, sample_rng
 from .inception import (WEIGHTS_ENV, WEIGHTS_FILE, WEIGHTS_SHA256, InceptionFeatures, InceptionWeightsError,
                         build_inception, random_inception_state_dict, resolve_weights_url)
 from .precision_recall import knn_radii, manifold_coverage, precision_recall
@@ -19,7 +19,7 @@ __all__ = [
     "metric_of",
     "EvalConfig", "check_eval_config", "FIDEvaluator", "SampleSpec", "check_compatible",
     "sample_spec", "FEATURE_DIM", "FeatureMoments", "FrechetTerms", "all_reduce_moments", "frechet_distance",
-    "generate_uint8", "rank_indices", "sample_inputs", "sample_rng", "sampling_sigmas", "WEIGHTS_ENV",
+    "rank_indices", "sample_inputs", "sample_rng", "WEIGHTS_ENV",
     "WEIGHTS_FILE", "WEIGHTS_SHA256", "InceptionFeatures", "InceptionWeightsError", "build_inception",
     "random_inception_state_dict", "resolve_weights_url", "knn_radii", "manifold_coverage", "precision_recall",
     "best_metric", "record_result", "RefStats", "load_ref_stats", "save_ref_stats",

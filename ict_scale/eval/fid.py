@@ -20,12 +20,13 @@ import torch
 from torch import nn
 
 from ict_scale.data.config import label_dim
+from ict_scale.ict import SIGMA_MAX, SIGMA_MIN, generate_uint8, sampling_sigmas
 from ict_scale.parallel import comm
 
 from .config import EvalConfig, check_eval_config
 from .features import build_features, extractor_of, feature_dim_of, metric_of
 from .frechet import FeatureMoments, all_reduce_moments, frechet_distance, psd_sqrt
-from .generate import generate_uint8, rank_indices, sample_inputs, sampling_sigmas
+from .generate import rank_indices, sample_inputs
 from .precision_recall import precision_recall
 from .records import record_result
 from .reference import RefStats, load_ref_stats
@@ -37,8 +38,8 @@ class SampleSpec:
     shape: tuple[int, int, int]   # (C, H, W) of one sample
     num_classes: int              # 0 = unconditional
     sigma_mid: float              # two-step intermediate level (0.821 CIFAR-10, 1.526 ImageNet-64)
-    sigma_max: float = 80.0
-    sigma_min: float = 0.002
+    sigma_max: float = SIGMA_MAX
+    sigma_min: float = SIGMA_MIN
 
 
 def sample_spec(cfg) -> SampleSpec:

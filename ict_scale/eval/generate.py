@@ -3,17 +3,15 @@
 Sample i's class label, initial noise z and re-noise come from a generator keyed by (seed, i) alone,
 so the set of samples - and hence the FID - is the same on 1 or N processes and for any batch size.
 Rank r of W takes the contiguous block [floor(N r / W), floor(N (r + 1) / W)): disjoint, covering
-[0, N) exactly, sizes differing by at most one; nothing is padded or drawn twice.
+[0, N) exactly, sizes differing by at most one; nothing is padded or drawn twice. The noise levels and the
+sampler are ict.sampling's (`sampling_sigmas`, `generate_uint8`), as for grids and the sample command.
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
-
-from ict_scale.ict import multistep_sample, to_uint8
 
 
 def rank_indices(num: int, rank: int, world_size: int) -> range:
@@ -54,28 +52,3 @@ def sample_inputs(indices: Sequence[int], shape: tuple[int, ...], seed: int, num
             r[row] = rng.standard_normal(shape, dtype=np.float32)
     as_torch = torch.from_numpy
     return as_torch(z), [as_torch(r) for r in renoise], (as_torch(labels) if labels is not None else None)
-
-
-def sampling_sigmas(steps: int, sigma_max: float, sigma_mid: float) -> tuple[float, ...]:
-    """Noise levels of k-step sampling (iCT §6): (sigma_max,) or (sigma_max, sigma_mid)."""
-    if steps == 1:
-        return (sigma_max,)
-    if steps == 2:
-        return (sigma_max, sigma_mid)
-    raise ValueError(f"only 1- and 2-step sampling are defined here, got steps={steps}")
-
-
-@torch.no_grad()
-def generate_uint8(model: Callable, z: torch.Tensor, renoise: Sequence[torch.Tensor], labels: torch.Tensor | None,
-                   sigmas: Sequence[float], sigma_min: float,
-                   autocast: Callable = contextlib.nullcontext) -> torch.Tensor:
-    """uint8 (N, C, H, W) samples on z's device.
-
-    Quantisation: nearest integer of (x + 1) * 127.5 (ties to even), clamped to [0, 255] - `to_uint8`.
-    Rounding to nearest is unbiased (mean error 0, at most half a level); truncating casts, which some
-    sampling scripts use, darken every pixel by half a level on average and shift the statistics.
-    The reference images are uint8 too, so both sides reach Inception through the same 256 levels.
-    """
-    with autocast():
-        x = multistep_sample(model, z, sigmas, labels, list(renoise[:len(sigmas) - 1]), sigma_min)
-    return to_uint8(x)

@@ -1,6 +1,6 @@
 """DeepSpeed engine checkpoints inside a run's checkpoint directory, local or s3://, at any world size.
 
-Layout of one checkpoint directory (the run adds trainer_state.pt, config.yaml and COMMIT):
+Layout of one checkpoint directory (the Checkpointer adds trainer_state.pt, config.yaml and COMMIT):
     engine/           the engine's own files (model states, one ZeRO partition file per rank)
     deepspeed.json    world size and ZeRO stage at save time
     .metadata, *.distcp   the EMA through DCP, so `dcp_io.load_ema` reads it like any other backend's

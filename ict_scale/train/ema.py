@@ -36,7 +36,14 @@ class EMA:
         torch._foreach_lerp_(shadow, live, 1.0 - decay)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
+        """The live averages (a checkpoint load fills them in place)."""
         return self.shadow
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for n in self.names:
+            if state[n] is not self.shadow[n]:
+                self.shadow[n].copy_(state[n])
 
     @torch.no_grad()
     def copy_to(self, targets: dict[str, torch.Tensor]) -> None:
@@ -67,3 +74,10 @@ class EMATeacher:
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Parameters and buffers by name; the tensors share storage with the module, so a load fills it in place."""
         return self.module.state_dict()
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        own = self.module.state_dict()
+        for n, t in state.items():
+            if _local(t).data_ptr() != _local(own[n]).data_ptr():  # a checkpoint load filled ours in place
+                own[n].copy_(t)

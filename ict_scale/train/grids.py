@@ -6,29 +6,27 @@ import math
 
 import torch
 
-from ict_scale.ict import multistep_sample, to_uint8
+from ict_scale.ict import generate_uint8, sampling_noise, sampling_sigmas
 
 
 def fixed_noise(num: int, shape, seed: int, num_classes: int, device):
-    """z, re-noise and labels for grid sample j depend only on (seed, j)."""
-    g = torch.Generator().manual_seed(seed + 7919)
-    z = torch.randn((num, *shape), generator=g)
-    renoise = torch.randn((num, *shape), generator=g)
+    """z, re-noise list and labels for grid sample j depend only on (seed, j)."""
+    z, renoise = sampling_noise(num, shape, torch.Generator().manual_seed(seed + 7919))
     labels = torch.arange(num) % num_classes if num_classes > 0 else None
     to = (lambda t: t.to(device)) if device is not None else (lambda t: t)
-    return to(z), to(renoise), (to(labels) if labels is not None else None)
+    return to(z), [to(r) for r in renoise], (to(labels) if labels is not None else None)
 
 
 @torch.no_grad()
 def sample_images(model, z, renoise, labels, sigma_max: float, sigma_mid: float, steps: int, sigma_min: float,
                   batch: int = 256) -> torch.Tensor:
-    """uint8 NCHW samples from `model` with 1 or 2 steps, in batches."""
-    sigmas = (sigma_max,) if steps == 1 else (sigma_max, sigma_mid)
+    """uint8 NCHW samples (on the CPU) from `model` with 1 or 2 steps, in batches."""
+    sigmas = sampling_sigmas(steps, sigma_max, sigma_mid)
     out = []
     for s in range(0, z.shape[0], batch):
-        lab = labels[s:s + batch] if labels is not None else None
-        x = multistep_sample(model, z[s:s + batch], sigmas, lab, [renoise[s:s + batch]][:steps - 1], sigma_min)
-        out.append(to_uint8(x).cpu())
+        part = slice(s, s + batch)
+        lab = labels[part] if labels is not None else None
+        out.append(generate_uint8(model, z[part], [r[part] for r in renoise], lab, sigmas, sigma_min).cpu())
     return torch.cat(out)
 
 

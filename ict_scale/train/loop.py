@@ -11,11 +11,11 @@ from ict_scale.parallel import comm
 
 from .console import RunConsole
 from .grids import fixed_noise, grid_png, sample_images
-from .run import (DivergenceError, Run, data_skips, evaluate, finish_pending_save, release_run_dir,
-                  run_complete_message, save_checkpoint, setup)
+from .evaluation import evaluate
+from .run import DivergenceError, Register, Run, data_skips, run_complete_message, setup
 from .signals import PreemptionFlag
 from .summary import end_of_run
-from .step import teacher_decay_for, train_step
+from .step import train_step
 from .trackers import Trackers, build_trackers
 
 
@@ -36,31 +36,32 @@ def apply_or_skip(run: Run, result, preempt: PreemptionFlag) -> bool:
     bad = (~torch.isfinite(result.loss) | ~torch.isfinite(result.grad_norm)).float()
     flags = comm.all_reduce_max(torch.stack([bad, torch.tensor(float(preempt.requested), device=bad.device)]))
     bad_any, stop = flags.tolist()  # the one host sync per step: every rank agrees on skip and stop
+    progress = run.progress
     if bad_any:
         run.backend.zero_grad()
-        run.nonfinite_total += 1
-        run.nonfinite_run += 1
-        if run.nonfinite_run >= run.cfg.train.max_nonfinite_steps:
-            raise DivergenceError(f"{run.nonfinite_run} consecutive non-finite steps at step {run.step}; "
-                                  f"the last complete checkpoint is kept in {run.ckpts.url(run.ckpts.latest() or 0)}")
+        progress.nonfinite_total += 1
+        progress.nonfinite_run += 1
+        if progress.nonfinite_run >= run.cfg.train.max_nonfinite_steps:
+            raise DivergenceError(f"{progress.nonfinite_run} consecutive non-finite steps at step {run.step}; "
+                                  f"the last complete checkpoint is kept in {run.ckpt.url(run.ckpt.latest() or 0)}")
     else:
         run.backend.optimizer_step()
         run.backend.zero_grad()
         targets = run.backend.ema_targets()
         run.ema.update(targets, run.cfg.train.ema_decay)
         if run.teacher is not None:  # original CT: theta^- follows theta at mu(k), after every applied step
-            run.teacher.update(targets, teacher_decay_for(run.cfg.ict, result.num_scales, run.cfg.train.total_steps))
-        run.nonfinite_run = 0
+            run.teacher.update(targets, run.objective.teacher_decay(run.step))
+        progress.nonfinite_run = 0
     return bool(stop)
 
 
 def optimise_step(run: Run, micro_batches, preempt: PreemptionFlag):
     """One step as the loop runs it: forward/backward on the micro-batches, then apply_or_skip.
 
-    Returns (StepResult, whether to stop for preemption); the caller advances run.step.
+    Returns (StepResult, whether to stop for preemption); the caller advances run.progress.
     """
     teacher = run.teacher.module if run.teacher is not None else None
-    result = train_step(run.backend, micro_batches, run.step, run.cfg, teacher=teacher)
+    result = train_step(run.backend, run.objective, micro_batches, run.step, run.cfg.train.seed, teacher=teacher)
     return result, apply_or_skip(run, result, preempt)
 
 
@@ -82,8 +83,9 @@ def write_grids(run: Run, trackers: Trackers) -> None:
         trackers.image(f"samples/{steps}step", png, run.step)
 
 
-def train(cfg) -> Run:
-    run = setup(cfg)
+def train(cfg, register: Register | None = None) -> Run:
+    """Train (or resume) the run `cfg` describes; `register` adds pieces of run state (see run.build_run)."""
+    run = setup(cfg, register)
     t = cfg.train
     rank0 = run.backend.rank == 0
     if run.step >= t.total_steps:
@@ -91,7 +93,7 @@ def train(cfg) -> Run:
             for note in run.notes:
                 print(note, flush=True)
             print(run_complete_message(run), flush=True)
-        release_run_dir(run)
+        run.ckpt.release()
         run.loader.close()
         return run
     console = RunConsole(t.total_steps, run.step, enabled=rank0)
@@ -102,24 +104,25 @@ def train(cfg) -> Run:
                   f"{'resuming at' if run.step else 'starting at'} step {run.step}, run dir {t.run_dir}")
     preempt, data_iter = PreemptionFlag(grace_s=cfg.parallel.preempt_grace_s, announce=rank0), iter(run.loader)
     trackers = build_trackers(cfg, run.storage, enabled=rank0)
+    progress = run.progress
     start_step, window_loss, window_t, window_steps = run.step, 0.0, time.perf_counter(), 0
     started, last_record, stop = time.perf_counter(), None, False
     try:
         while run.step < t.total_steps:
             result, stop = optimise_step(run, next_micro_batches(run, data_iter), preempt)
-            run.step += 1
-            run.images_seen += t.batch_size
+            progress.step += 1
+            progress.images_seen += t.batch_size
             window_loss, window_steps = window_loss + result.loss.detach(), window_steps + 1
             record = None
             if run.step % t.log_every == 0 or run.step == t.total_steps:
                 loss = comm.all_reduce_sum((window_loss / window_steps).to(torch.float64))
                 now = time.perf_counter()
                 record = last_record = {
-                    "step": run.step, "images_seen": run.images_seen,
+                    "step": run.step, "images_seen": progress.images_seen,
                     "loss": float(loss) / run.backend.world_size, "num_scales": result.num_scales,
                     "grad_norm": float(result.grad_norm), "lr": run.backend.optimizer.param_groups[0]["lr"],
                     "img_per_s": window_steps * t.batch_size / max(now - window_t, 1e-9),
-                    "seconds": now - started, "nonfinite_total": run.nonfinite_total,
+                    "seconds": now - started, "nonfinite_total": progress.nonfinite_total,
                     "data_skips": data_skips(run)}
                 trackers.scalars(record)
                 window_loss, window_t, window_steps = 0.0, now, 0
@@ -129,19 +132,20 @@ def train(cfg) -> Run:
                 write_grids(run, trackers)
             eval_due = run.evaluator is not None and run.step % cfg.eval.every_steps == 0
             if run.step % t.ckpt_every == 0 or done or stop or eval_due:
-                save_checkpoint(run)  # an evaluated step always has a checkpoint, so best.json can name it
+                # an evaluated step always has a checkpoint, so best.json can name it
+                run.ckpt.save(run.step, {"images_seen": progress.images_seen})
             if eval_due and not stop:
                 result = evaluate(run)
                 console.print("  ".join(f"{k} {v:.3f}" for k, v in result.items() if k.startswith(("fid_", "fcd_"))))
             if done or stop:
                 break
-        finish_pending_save(run)
+        run.ckpt.finish_pending()
     finally:
         preempt.close()
         console.close()
         trackers.close()
         run.loader.close()
-        release_run_dir(run)
+        run.ckpt.release()
     if rank0:
         for line in end_of_run(run, start_step, time.perf_counter() - started, last_record, stop, preempt.signum):
             console.print(line)

@@ -1,25 +1,31 @@
-"""Everything a run holds between steps, and how it is saved and restored."""
+"""Everything a run holds between steps, built from the config; its state is saved through a Checkpointer."""
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
+from omegaconf import DictConfig
 
-from ict_scale.checkpoint import (CheckpointManager, IncompleteCheckpoint, RunDirBusy, RunDirError, RunLease, Storage,
-                                  torch_bytes)
-from ict_scale.checkpoint.errors import out_of_space_as_error
-from ict_scale.checkpoint.resume import apply_optim_settings, check_resume_config
+from ict_scale.checkpoint import Storage
+from ict_scale.checkpoint.checkpointer import Checkpointer
 from ict_scale.config import check_teacher, to_yaml
 from ict_scale.config.schema import accumulation_steps
-from ict_scale.data import StorageError, build_loader
+from ict_scale.data import StorageError, StreamingLoader, build_loader
 from ict_scale.data import storage as data_storage
 from ict_scale.data.samples import SKIP_REASONS
-from ict_scale.parallel import ckpt_files, comm
+from ict_scale.ict import ICTLoss
+from ict_scale.parallel import comm
+from ict_scale.parallel.backend import Backend
 from ict_scale.parallel.build import build_backend
 
 from .ema import EMA, EMATeacher
+from .evaluation import build_evaluator
 from .model import build_model, count_parameters
+from .state import LoaderPosition, Progress
+
+if TYPE_CHECKING:
+    from ict_scale.eval.fid import FIDEvaluator
 
 
 class DivergenceError(RuntimeError):
@@ -28,22 +34,22 @@ class DivergenceError(RuntimeError):
 
 @dataclass
 class Run:
-    cfg: object
-    backend: object
-    storage: Storage
-    ckpts: CheckpointManager
+    cfg: DictConfig
+    backend: Backend
+    loader: StreamingLoader | Iterator[tuple[torch.Tensor, torch.Tensor]]  # or the benchmark's device batches
     ema: EMA
-    loader: object
     num_params: int
-    evaluator: object = None
+    objective: ICTLoss  # the loss of a step; N(k) and mu(k) are functions of `step`, nothing to save
+    progress: Progress = field(default_factory=Progress)
     teacher: EMATeacher | None = None  # original CT's EMA teacher (ict.teacher=ema); None = iCT's, the student
-    step: int = 0
-    images_seen: int = 0
-    nonfinite_total: int = 0
-    nonfinite_run: int = 0
-    pending_save: tuple | None = None  # (step, PendingSave, images_seen) of a save whose COMMIT is due
-    lease: RunLease | None = None  # rank 0's hold on the run dir
+    evaluator: FIDEvaluator | None = None
+    storage: Storage | None = None     # the run directory; None: a run without checkpoints (the benchmark)
+    ckpt: Checkpointer | None = None
     notes: list[str] = field(default_factory=list)  # what start-up found worth saying (rank 0 prints them)
+
+    @property
+    def step(self) -> int:
+        return self.progress.step
 
     @property
     def accumulation(self) -> int:
@@ -57,8 +63,13 @@ def make_optimizer(cfg):
                                             foreach=o.foreach)
 
 
-def build_run(cfg, storage: Storage | None, make_batches=None) -> Run:
-    """Backend, model, optimiser, EMAs, evaluator and data: everything a step needs, nothing written yet.
+# `register(checkpointer, run)`: further pieces of run state, registered after the trainer's own.
+Register = Callable[[Checkpointer, Run], None]
+
+
+def build_run(cfg, storage: Storage | None, make_batches=None, register: Register | None = None) -> Run:
+    """Backend, model, optimiser, EMAs, evaluator, data and checkpointer: everything a step needs, nothing
+    written yet.
 
     `make_batches(backend)` replaces the configured loader with another iterator of (uint8 images, labels),
     e.g. batches made on the device by the speed benchmark; `storage` None leaves the run without checkpoints.
@@ -72,82 +83,80 @@ def build_run(cfg, storage: Storage | None, make_batches=None) -> Run:
     batches = make_batches(backend) if make_batches else build_loader(
         cfg.data, batch_per_rank=cfg.train.batch_per_gpu, rank=backend.rank, world_size=backend.world_size,
         seed=cfg.train.seed)
-    ckpts = CheckpointManager(storage, cfg.train.keep_last, verify=checkpoint_verifier(storage)) \
-        if storage is not None else None
-    return Run(cfg, backend, storage, ckpts, EMA(backend.ema_targets()), batches, num_params,
-               build_evaluator(cfg, backend), teacher=build_teacher(cfg, backend))
+    run = Run(cfg, backend, batches, EMA(backend.ema_targets()), num_params,
+              ICTLoss(cfg.ict, cfg.train.total_steps), teacher=build_teacher(cfg, backend),
+              evaluator=build_evaluator(cfg, backend), storage=storage)
+    if storage is not None:
+        run.ckpt = build_checkpointer(run)
+        if register is not None:
+            register(run.ckpt, run)
+    return run
 
 
-# Files the run writes into each checkpoint beside the backend's bytes.
-RUN_FILES = ("trainer_state.pt", "config.yaml")
+def build_checkpointer(run: Run) -> Checkpointer:
+    """The run's state, piece by piece: adding one is one `register` line here."""
+    cfg, backend = run.cfg, run.backend
+    ckpt = Checkpointer(run.storage, model=backend, rank=backend.rank, world_size=backend.world_size,
+                        config_yaml=to_yaml(cfg), keep_last=cfg.train.keep_last, async_save=cfg.parallel.async_save,
+                        lease_timeout_s=cfg.train.lease_timeout_s,
+                        data_fingerprint=getattr(run.loader, "fingerprint", None))
+    ckpt.register("progress", run.progress)
+    ckpt.register("loader", LoaderPosition(run.loader, summed_over_ranks(backend)))
+    ckpt.register("ema", run.ema, sharded=True)
+    if run.teacher is not None:
+        ckpt.register("teacher", run.teacher, sharded=True)
+    return ckpt
 
 
-def checkpoint_verifier(storage: Storage):
-    """What keeps a checkpoint URL from being complete: the run's files and every file its bytes need."""
-    return lambda url: ckpt_files.checkpoint_problems(url, storage.storage_options, required=RUN_FILES)
+def run_dir_options(cfg) -> tuple[dict, str | None]:
+    """fsspec options of train.run_dir, and a deprecation note when they still come from data.storage_options.
+
+    Runs configured before train.storage_options existed reached their run dir with the data's options;
+    they keep doing so (with the note) while train.storage_options is unset.
+    """
+    own, data = dict(cfg.train.storage_options), dict(cfg.data.storage_options)
+    if own or not data:
+        return own, None
+    return data, ("data.storage_options also configures train.run_dir, as it always has; that use is deprecated: "
+                  "give the run dir's options as train.storage_options")
 
 
-def open_run_dir(cfg) -> Storage:
+def open_run_dir(cfg) -> tuple[Storage, str | None]:
     """The run directory, reached once before anything is built, so that missing credentials, an unreachable
     endpoint or rejected storage options fail at once and name train.run_dir (bounded retries, as for data)."""
     url = cfg.train.run_dir
+    options, note = run_dir_options(cfg)
+    key = "data.storage_options" if note else "train.storage_options"
     try:
-        storage = Storage(url, data_storage.resolve_options(url, cfg.data.storage_options))
+        storage = Storage(url, data_storage.resolve_options(url, options))
         storage.listdir()
     except Exception as e:
-        raise StorageError(f"train.run_dir={url}: {data_storage.describe(e)}") from e
-    return storage
+        raise StorageError(f"train.run_dir={url}: {data_storage.describe(e, key)}") from e
+    return storage, note
 
 
-def setup(cfg) -> Run:
+def setup(cfg, register: Register | None = None) -> Run:
     """build_run, hold the run dir, resume from the newest good checkpoint if any, then write the config.
 
     config.yaml is written only once the resume check has passed, so a refused config never replaces the
     record of the run's checkpoints.
     """
-    storage = open_run_dir(cfg)
-    run = build_run(cfg, storage)
+    storage, note = open_run_dir(cfg)
+    run = build_run(cfg, storage, register=register)
+    run.notes += [note] if note else []
     try:
-        hold_run_dir(run)
-        restore_latest(run)
+        run.notes += run.ckpt.hold()
+        run.ckpt.restore(cfg, run.notes)
         if run.backend.rank == 0:
             storage.write_text("config.yaml", to_yaml(cfg))
     except BaseException:
-        release_run_dir(run)
+        run.ckpt.release()
         run.loader.close()
         raise
     return run
 
 
-def hold_run_dir(run: Run) -> None:
-    """Rank 0 takes the run dir's lease (refusing a live run) and removes partial checkpoints; all ranks agree."""
-    outcome = None
-    if run.backend.rank == 0:
-        run.storage.makedirs()
-        lease, removed = RunLease(run.storage, run.cfg.train.lease_timeout_s), []
-        try:
-            note = lease.acquire(when_free=lambda: removed.extend(run.ckpts.remove_partial()))
-        except Exception as e:
-            comm.broadcast_object(("error", str(e)))
-            raise
-        run.lease = lease
-        lease.start_heartbeat()
-        run.notes += [note] if note else []
-        if removed:
-            run.notes.append(f"removed {len(removed)} partial checkpoint(s) (saves cut short, never marked "
-                             f"complete): {', '.join(run.ckpts.url(s) for s in removed)}")
-    outcome = comm.broadcast_object(outcome)
-    if outcome is not None:  # only the other ranks get here with an error: rank 0 raised its own
-        raise RunDirError(outcome[1])
-
-
-def release_run_dir(run: Run) -> None:
-    if run.lease is not None:
-        run.lease.release()
-        run.lease = None
-
-
-def build_teacher(cfg, backend) -> EMATeacher | None:
+def build_teacher(cfg, backend: Backend) -> EMATeacher | None:
     """Original CT's EMA teacher, initialised to the student's weights (after placement), or None for iCT's."""
     if cfg.ict.teacher != "ema":
         return None
@@ -156,115 +165,17 @@ def build_teacher(cfg, backend) -> EMATeacher | None:
     return EMATeacher(backend.module)
 
 
-def build_evaluator(cfg, backend):
-    """The FID stage, built at start-up so that missing weights or reference stats fail before training."""
-    if cfg.eval.every_steps <= 0:
-        return None
-    from ict_scale.eval.fid import FIDEvaluator
-    return FIDEvaluator(cfg.eval, backend.device, storage_options=dict(cfg.data.storage_options))
-
-
-def evaluate(run: Run) -> dict:
-    """FID of the EMA model on every rank; rank 0 records it beside the checkpoint of this step."""
-    from ict_scale.eval.fid import sample_spec
-    return run.evaluator.run(run.backend.eval_model(run.ema), sample_spec(run.cfg), step=run.step,
-                             run_dir=run.cfg.train.run_dir, checkpoint=run.ckpts.name(run.step),
-                             autocast=run.backend.autocast, storage_options=run.storage.storage_options)
-
-
-def save_checkpoint(run: Run) -> str:
-    """All ranks write their shards; rank 0 writes the trainer state; the COMMIT marker comes once every rank's
-    bytes are durable (at once, or with parallel.async_save before the next save and at the end of the run)."""
-    finish_pending_save(run)
-    loader_state = run.loader.state_dict(skips=data_skips(run))  # a collective: before rank 0 goes its own way
-    step = run.step
-    lost = comm.broadcast_object(run.lease.check() if run.lease is not None else None)
-    if lost:
-        raise RunDirBusy(f"{lost}; this run stops without writing checkpoint step {step}")
-    with out_of_space_as_error(run.storage.root, f"checkpoint step {step}"):
-        url = run.ckpts.begin(step) if run.backend.rank == 0 else run.ckpts.url(step)
-        comm.barrier()
-        pending = run.backend.save(url, averaged_tensors(run), run.storage.storage_options,
-                                   background=run.cfg.parallel.async_save)
-        if run.backend.rank == 0:
-            state = {"step": step, "images_seen": run.images_seen, "nonfinite_total": run.nonfinite_total,
-                     "nonfinite_run": run.nonfinite_run,
-                     "seed": run.cfg.train.seed, "world_size": run.backend.world_size,
-                     "loader": loader_state}
-            run.storage.write_bytes(f"{run.ckpts.name(step)}/trainer_state.pt", torch_bytes(state))
-            run.storage.write_text(f"{run.ckpts.name(step)}/config.yaml", to_yaml(run.cfg))
-    run.pending_save = (step, pending, run.images_seen)
-    if not run.cfg.parallel.async_save:
-        finish_pending_save(run)
-    return url
+def summed_over_ranks(backend: Backend) -> Callable[[dict[str, int]], dict[str, int]]:
+    """Skip counts by reason, summed over ranks (a collective)."""
+    def summed(counts: dict[str, int]) -> dict[str, int]:
+        local = torch.tensor([counts.get(r, 0) for r in SKIP_REASONS], dtype=torch.int64, device=backend.device)
+        return dict(zip(SKIP_REASONS, comm.all_reduce_sum(local).tolist()))
+    return summed
 
 
 def data_skips(run: Run) -> dict[str, int]:
     """Samples skipped since the run began, by reason, summed over ranks (every rank must call this)."""
-    def summed(counts: dict[str, int]) -> dict[str, int]:
-        local = torch.tensor([counts.get(r, 0) for r in SKIP_REASONS], dtype=torch.int64, device=run.backend.device)
-        return dict(zip(SKIP_REASONS, comm.all_reduce_sum(local).tolist()))
-    return run.loader.skip_counts(summed)
-
-
-# Key prefix of the EMA teacher's tensors in the checkpoint's flat EMA dict; parameter names never start with it.
-TEACHER_PREFIX = "teacher/"
-
-
-def averaged_tensors(run: Run) -> dict[str, torch.Tensor]:
-    """The flat name -> tensor dict saved beside model and optimiser: the evaluation EMA, then the EMA teacher.
-
-    The tensors are the live ones (not copies), so a backend's load fills both in place.
-    """
-    tensors = dict(run.ema.state_dict())
-    if run.teacher is not None:
-        tensors.update({TEACHER_PREFIX + n: t for n, t in run.teacher.state_dict().items()})
-    return tensors
-
-
-def finish_pending_save(run: Run) -> None:
-    """Wait until this rank's bytes of the last checkpoint are durable; then rank 0 marks it complete."""
-    if run.pending_save is None:
-        return
-    (step, pending, images_seen), run.pending_save = run.pending_save, None
-    with out_of_space_as_error(run.storage.root, f"checkpoint step {step}"):
-        pending.wait()
-    comm.barrier()
-    problem = None
-    if run.backend.rank == 0:
-        try:
-            run.ckpts.commit(step, {"images_seen": images_seen})  # verifies every file first
-        except IncompleteCheckpoint as e:
-            problem = str(e)
-    problem = comm.broadcast_object(problem)  # also the barrier that keeps ranks from racing past the commit
-    if problem:
-        raise IncompleteCheckpoint(problem)
-
-
-def restore_latest(run: Run) -> bool:
-    """Resume from the newest good checkpoint, if any (every rank reads the same one).
-
-    A checkpoint marked complete that lacks a file is skipped with a note; the resume check (recipe and
-    data identity) runs before anything is loaded; the config's optimiser settings then replace the ones
-    the optimiser state brings back.
-    """
-    step = comm.broadcast_object(run.ckpts.newest_good(report=run.notes.append) if run.backend.rank == 0 else None)
-    if step is None:
-        return False
-    name, url = run.ckpts.name(step), run.ckpts.url(step)
-    state = torch.load(io.BytesIO(run.storage.read_bytes(f"{name}/trainer_state.pt")), weights_only=True)
-    run.notes += check_resume_config(run.cfg, run.storage.read_bytes(f"{name}/config.yaml").decode(), url,
-                                     state["loader"].get("fingerprint"), getattr(run.loader, "fingerprint", None))
-    run.backend.load(url, averaged_tensors(run), run.storage.storage_options)
-    changed = apply_optim_settings(run.backend.optimizer_param_groups(), run.cfg.optim)
-    if changed:
-        run.notes.append(f"resuming with {'; '.join(changed)}: this config's values replace those restored "
-                         "from the checkpoint's optimiser state")
-    run.step, run.images_seen = int(state["step"]), int(state["images_seen"])
-    run.nonfinite_total = int(state["nonfinite_total"])
-    run.nonfinite_run = int(state.get("nonfinite_run", 0))
-    run.loader.load_state_dict(state["loader"])
-    return True
+    return run.loader.skip_counts(summed_over_ranks(run.backend))
 
 
 def run_complete_message(run: Run) -> str:
@@ -273,5 +184,5 @@ def run_complete_message(run: Run) -> str:
     outputs = [storage.url(rel) for rel in ("samples/latest_1step.png", "samples/latest_2step.png", "metrics.jsonl")
                if storage.exists(rel)]
     return (f"run complete: {t.run_dir} has finished all {t.total_steps} steps (nothing to resume). Outputs: "
-            f"{', '.join(outputs)}; last checkpoint {run.ckpts.url(run.step)}. To train further, give a new "
+            f"{', '.join(outputs)}; last checkpoint {run.ckpt.url(run.step)}. To train further, give a new "
             f"train.run_dir (train.total_steps is part of the recipe: it sets the curriculum N(k))")

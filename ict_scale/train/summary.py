@@ -26,7 +26,7 @@ def end_of_run(run, start_step: int, wall_s: float, last_record: dict | None, st
     if run.step > start_step:
         steps = run.step - start_step
         done = f"  this run: {steps} step{'s' if steps > 1 else ''}, {steps * t.batch_size:,} images " \
-               f"in {clock(wall_s)}; {run.images_seen:,} images since the start"
+               f"in {clock(wall_s)}; {run.progress.images_seen:,} images since the start"
         if last_record is not None:
             done += f"; last loss {last_record['loss']:.5f} (step {last_record['step']})"
         lines.append(done)
@@ -35,6 +35,6 @@ def end_of_run(run, start_step: int, wall_s: float, last_record: dict | None, st
         lines.append(f"  sample grids: {storage.url('samples', 'latest_1step.png')} and latest_2step.png")
     if storage.exists("metrics.jsonl"):
         lines.append(f"  metrics: {storage.url('metrics.jsonl')}")
-    latest = run.ckpts.latest()
-    lines.append(f"  last checkpoint: {run.ckpts.url(latest) if latest is not None else 'none'}")
+    latest = run.ckpt.latest()
+    lines.append(f"  last checkpoint: {run.ckpt.url(latest) if latest is not None else 'none'}")
     return lines

@@ -11,7 +11,7 @@ import json
 import pytest
 import s3fs
 
-from ict_scale.train.export import load_ema_model
+from ict_scale.checkpoint.load import load_ema_model
 from workers.harness import checkpoint, max_abs_diff, metrics, started, train_many
 
 pytestmark = [pytest.mark.dist, pytest.mark.s3]
@@ -23,7 +23,7 @@ BACKENDS = {"ddp": ["parallel.backend=ddp"],
 
 def options_override(opts: dict) -> str:
     endpoint = opts["client_kwargs"]["endpoint_url"]
-    return (f"data.storage_options={{key: {opts['key']}, secret: {opts['secret']}, "
+    return (f"train.storage_options={{key: {opts['key']}, secret: {opts['secret']}, "
             f"client_kwargs: {{endpoint_url: '{endpoint}'}}}}")
 
 

@@ -23,7 +23,7 @@ def teacher_of(ckpt: str) -> dict[str, torch.Tensor]:
     from ict_scale.config import load_config
     from ict_scale.parallel import dcp_io
     from ict_scale.train.model import build_model
-    from ict_scale.train.run import TEACHER_PREFIX
+    from ict_scale.checkpoint.layout import TEACHER_PREFIX
     model = build_model(load_config([f"{ckpt}/config.yaml"], []))
     tensors = {TEACHER_PREFIX + n: torch.zeros_like(p) for n, p in model.named_parameters()}
     dcp_io.load_ema(ckpt, tensors)

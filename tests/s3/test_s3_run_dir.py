@@ -1,5 +1,6 @@
 """A run dir on s3:// is held by one run too: the lease protocol against a real local S3 server."""
 import json
+import os
 import threading
 import time
 
@@ -65,3 +66,30 @@ def test_a_stale_lease_on_s3_is_taken_over_and_the_heartbeat_renews_ours(bucket)
     assert json.loads(storage.read_bytes("run.lease"))["heartbeat"] > before
     ours.release()
     assert not storage.exists("run.lease")
+
+
+# -- the run dir's own storage options ---------------------------------------------------------------------
+TINY = ["model.name=ncsnpp", "model.model_channels=8", "model.channel_mult=[1]", "model.num_blocks=1",
+        "model.attn_resolutions=[]", "data.source=synthetic", "data.resolution=8", "data.num_classes=0",
+        "data.num_workers=0", "train.batch_size=4", "train.batch_per_gpu=4", "train.total_steps=2",
+        "train.grid_every=0", "train.loggers=[jsonl]", "ict.s1=40"]
+
+
+def test_the_run_dir_is_reached_with_train_storage_options_and_still_with_the_data_key(bucket, monkeypatch, capsys):
+    from ict_scale.cli import run as cli_run
+    from ict_scale.train.__main__ import main
+    endpoint = os.environ["AWS_ENDPOINT_URL"]
+    monkeypatch.delenv("AWS_ENDPOINT_URL")  # the options alone say where the run dir is
+    url = f"s3://{bucket}/run"
+    reach = f"{{client_kwargs: {{endpoint_url: '{endpoint}'}}}}"
+    nowhere = "{client_kwargs: {endpoint_url: 'http://127.0.0.1:9'}}"  # nothing listens there
+    # train.storage_options reaches the run dir; data.storage_options (unused by synthetic data) does not.
+    args = [*TINY, f"train.run_dir={url}", "train.max_steps_this_run=1"]
+    assert cli_run(main, [*args, f"train.storage_options={reach}", f"data.storage_options={nowhere}"]) == 0
+    out = capsys.readouterr().out
+    assert "deprecated" not in out and f"last checkpoint: {url}/checkpoints/step_000000001" in out
+    # Only data.storage_options: as before it also reaches the run dir, with a note that this use is deprecated.
+    assert cli_run(main, [*TINY, f"train.run_dir={url}", f"data.storage_options={reach}"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("data.storage_options also configures train.run_dir") == 1 and "resuming at step 1" in out
+    assert Storage(url, {"client_kwargs": {"endpoint_url": endpoint}}).exists("checkpoints/step_000000002/COMMIT")

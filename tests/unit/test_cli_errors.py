@@ -133,6 +133,12 @@ def test_malformed_storage_options(tmp_path, capsys):
                        "data.storage_options={client_kwargs: {endpint_url: x}}", **env)
     assert "s3://bucket/data/manifest.json: cannot read (data.storage_options rejected" in line
     assert "endpint_url" in line
+    line = train_error_here(capsys, tmp_path, "train.storage_options=5")
+    assert "'train.storage_options' must be a mapping, e.g. train.storage_options='{client_kwargs:" in line
+    # The run dir's own options are named when they are the ones refused.
+    line = train_error(tmp_path, "train.run_dir=s3://bucket/runs/one", "data.storage_options={anon: false}",
+                       "train.storage_options={client_kwargs: {endpint_url: x}}", **env)
+    assert line.startswith("error: train.run_dir=s3://bucket/runs/one: train.storage_options rejected")
 
 
 def test_yaml_syntax_error_names_file_and_line(tmp_path):

@@ -23,7 +23,7 @@ from ict_scale.networks import build_network, network_c_noise, network_kwargs  #
 from ict_scale.to_diffusers import karras_sigma, scheduler_config, two_step_timesteps  # noqa: E402
 from ict_scale.to_diffusers.adm import NotExpressible, to_unet2d  # noqa: E402
 from ict_scale.to_diffusers.ncsnpp_unet import NCSNppUNet  # noqa: E402
-from ict_scale.train.export import load_ema_model  # noqa: E402
+from ict_scale.checkpoint.load import load_ema_model  # noqa: E402
 from ict_scale.train.grids import grid_png  # noqa: E402
 from ict_scale.train.loop import train  # noqa: E402
 from ict_scale.train.model import build_model  # noqa: E402

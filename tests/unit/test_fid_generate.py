@@ -2,8 +2,7 @@
 import pytest
 import torch
 
-from ict_scale.eval import generate_uint8, rank_indices, sample_inputs, sample_rng, sampling_sigmas
-from ict_scale.ict import from_uint8, multistep_sample, to_uint8
+from ict_scale.eval import rank_indices, sample_inputs, sample_rng
 
 
 @pytest.mark.parametrize("num", [1, 5, 7, 50000])
@@ -49,24 +48,3 @@ def test_sample_streams_differ_across_seed_and_index_pairs():
     with pytest.raises(ValueError):
         sample_rng(-1, 0)
 
-
-def test_sampling_sigmas():
-    assert sampling_sigmas(1, 80.0, 0.821) == (80.0,)
-    assert sampling_sigmas(2, 80.0, 1.526) == (80.0, 1.526)
-    with pytest.raises(ValueError, match="steps=3"):
-        sampling_sigmas(3, 80.0, 0.821)
-
-
-def test_generate_uint8_is_the_quantised_multistep_sample():
-    def model(x, sigma, labels):  # a smooth consistency-like map: shrinks with sigma
-        return torch.tanh(x / (1 + sigma.view(-1, 1, 1, 1))) * 1.1
-
-    z, renoise, _ = sample_inputs(range(6), (3, 8, 8), seed=0, num_classes=0, num_renoise=1)
-    out = generate_uint8(model, z, renoise, None, (80.0, 0.821), 0.002)
-    assert out.dtype == torch.uint8
-    assert torch.equal(out, to_uint8(multistep_sample(model, z, (80.0, 0.821), None, renoise, 0.002)))
-    # Rounding to nearest: 0 -> 127.5 -> 128 (ties to even), the extremes map to 0 and 255.
-    assert to_uint8(torch.tensor([-1.0, 0.0, 1.0, 1 / 127.5 - 1])).tolist() == [0, 128, 255, 1]
-    levels = torch.arange(256, dtype=torch.uint8)
-    assert from_uint8(levels)[[0, 255]].tolist() == [-1.0, 1.0] and from_uint8(levels).dtype == torch.float32
-    assert torch.equal(to_uint8(from_uint8(levels)), levels)  # the data scaling and the quantisation invert

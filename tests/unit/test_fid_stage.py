@@ -9,8 +9,8 @@ import torch
 from data_prep import ref_stats
 from ict_scale.data.synthetic import synthetic_images
 from ict_scale.eval import (EvalConfig, FeatureMoments, FIDEvaluator, RefStats, SampleSpec, build_inception,
-                            generate_uint8, load_ref_stats, sample_inputs, sampling_sigmas)
-from ict_scale.ict import ConsistencyModel
+                            load_ref_stats, sample_inputs)
+from ict_scale.ict import ConsistencyModel, generate_uint8, sampling_sigmas
 from ict_scale.networks import build_network, network_c_noise
 
 RES = 16

@@ -169,7 +169,7 @@ class _RunsCode:
 
 def test_checkpoint_metadata_that_would_run_code_is_refused(tmp_path, capsys):
     from ict_scale.parallel import dcp_io
-    from ict_scale.train.export import load_ema_model
+    from ict_scale.checkpoint.load import load_ema_model
     run_dir, marker = tmp_path / "run", tmp_path / "pwned"
     args = ("train.total_steps=3", "train.ckpt_every=1")
     assert cli(run_dir, *args, "train.max_steps_this_run=2") == 0
@@ -237,6 +237,13 @@ def test_a_moved_copy_of_the_shards_resumes_and_other_shards_are_refused(tmp_pat
     assert cli(run_dir, *args, f"data.source={moved}/manifest.json", "train.max_steps_this_run=1") == 0
     out = capsys.readouterr().out
     assert "data.source moved" in out and "resuming at step 1" in out
+    # The identity is the data's, not the path's: other shards where the checkpoint's were are refused.
+    shutil.rmtree(moved)
+    shutil.copytree(other, moved)
+    assert cli(run_dir, *args, f"data.source={moved}/manifest.json") == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "error: cannot resume" in err
+    assert f"the data differs: data.source='{moved}/manifest.json' holds other samples" in err
 
 
 # -- metrics.jsonl is strict JSON ------------------------------------------------------------------------------

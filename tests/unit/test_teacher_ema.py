@@ -6,12 +6,14 @@ import pytest
 import torch
 
 from ict_scale.config import ConfigError, load_config
-from ict_scale.ict import ct_teacher_decay
+from ict_scale.ict import ICTLoss, ct_teacher_decay
 from ict_scale.parallel import dcp_io
 from ict_scale.train.loop import apply_or_skip, next_micro_batches, train
-from ict_scale.train.run import TEACHER_PREFIX, check_resume_config, setup
+from ict_scale.checkpoint.layout import TEACHER_PREFIX
+from ict_scale.checkpoint.resume import check_resume_config
+from ict_scale.train.run import setup
 from ict_scale.train.signals import PreemptionFlag
-from ict_scale.train.step import teacher_decay_for, train_step
+from ict_scale.train.step import train_step
 
 TINY = ["model.name=ncsnpp", "model.model_channels=16", "model.channel_mult=[1,2]", "model.num_blocks=1",
         "model.attn_resolutions=[4]", "model.dropout=0.2", "data.source=synthetic", "data.resolution=8",
@@ -51,12 +53,14 @@ def test_ct_teacher_decay_values():
 
 
 def test_teacher_decay_starts_at_mu0_under_both_curricula(tmp_path):
-    doubling = tiny_cfg(tmp_path).ict  # N(0) = s0 + 1 = 11 boundaries
-    assert teacher_decay_for(doubling, 11, 6) == pytest.approx(0.9, abs=1e-15)
-    assert teacher_decay_for(doubling, 21, 6) == pytest.approx(math.exp(11 * math.log(0.9) / 21), abs=1e-15)
-    sqrt = tiny_cfg(tmp_path, "ict.curriculum=sqrt", "ict.s0=2", "ict.s1=150").ict  # CT's: N(0) = s0 = 2
-    assert teacher_decay_for(sqrt, 2, 6) == pytest.approx(0.9, abs=1e-15)
-    assert teacher_decay_for(sqrt, 150, 6) == pytest.approx(math.exp(2 * math.log(0.9) / 150), abs=1e-15)
+    doubling = ICTLoss(tiny_cfg(tmp_path).ict, 6)  # N(0) = s0 + 1 = 11 boundaries; K' = 2 steps per stage
+    assert [doubling.num_scales(k) for k in (0, 2)] == [11, 21]
+    assert doubling.teacher_decay(0) == pytest.approx(0.9, abs=1e-15)
+    assert doubling.teacher_decay(2) == pytest.approx(math.exp(11 * math.log(0.9) / 21), abs=1e-15)
+    sqrt = ICTLoss(tiny_cfg(tmp_path, "ict.curriculum=sqrt", "ict.s0=2", "ict.s1=150").ict, 6)  # CT's: N(0) = s0 = 2
+    assert [sqrt.num_scales(k) for k in (0, 6)] == [2, 151]
+    assert sqrt.teacher_decay(0) == pytest.approx(0.9, abs=1e-15)
+    assert sqrt.teacher_decay(6) == pytest.approx(math.exp(2 * math.log(0.9) / 151), abs=1e-15)
 
 
 # -- one step ------------------------------------------------------------------------------------------
@@ -68,12 +72,13 @@ def test_one_step_moves_the_teacher_by_exactly_one_minus_mu_and_no_gradient_reac
         params = dict(teacher.named_parameters())
         assert all(torch.equal(params[n], p) for n, p in student.named_parameters())  # initialised to theta
         old = {n: p.detach().clone() for n, p in params.items()}
-        result = train_step(run.backend, next_micro_batches(run, iter(run.loader)), 0, run.cfg, teacher=teacher)
+        result = train_step(run.backend, run.objective, next_micro_batches(run, iter(run.loader)), 0,
+                            run.cfg.train.seed, teacher=teacher)
         assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
         assert any(p.grad is not None for p in student.parameters())
         assert all(torch.equal(params[n], old[n]) for n in old)  # the step itself leaves theta^- alone
         apply_or_skip(run, result, PreemptionFlag(signals=()))  # no handlers in the test process
-        mu = teacher_decay_for(run.cfg.ict, result.num_scales, run.cfg.train.total_steps)
+        mu = run.objective.teacher_decay(0)
         assert mu == pytest.approx(0.9)
         moved = 0
         for n, p in student.named_parameters():

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from ict_scale.config import load_config
-from ict_scale.ict import ConsistencyModel, multistep_sample
+from ict_scale.ict import ConsistencyModel, ICTLoss, multistep_sample
 from ict_scale.parallel.backend import Backend
 from ict_scale.parallel.config import ExecutionConfig
 from ict_scale.train.ema import EMA
@@ -45,6 +45,7 @@ def test_one_step_samples_move_toward_the_data():
     backend = Backend(cfg.parallel, ExecutionConfig.from_train(cfg.train), torch.device("cpu"))
     backend.prepare(ConsistencyModel(MLP(), lambda s: 0.25 * torch.log(s)), make_optimizer(cfg))
     ema = EMA(backend.ema_targets())
+    objective = ICTLoss(cfg.ict, cfg.train.total_steps)
     g = torch.Generator().manual_seed(1)
     z = torch.randn(2000, 2, 1, 1, generator=g)
 
@@ -55,7 +56,7 @@ def test_one_step_samples_move_toward_the_data():
     before = distance_to_data(one_step())
     for step in range(cfg.train.total_steps):
         backend.model.train()
-        result = train_step(backend, [(toy_batch(256, g), None)], step, cfg)
+        result = train_step(backend, objective, [(toy_batch(256, g), None)], step, cfg.train.seed)
         assert torch.isfinite(result.loss)
         backend.optimizer_step()
         backend.zero_grad()

@@ -8,7 +8,7 @@ import torch
 
 from ict_scale.checkpoint import COMMIT, CheckpointManager, Storage
 from ict_scale.config import load_config
-from ict_scale.train.export import load_ema_model
+from ict_scale.checkpoint.load import load_ema_model
 from ict_scale.train.loop import train
 
 TINY = ["model.name=ncsnpp", "model.model_channels=16", "model.channel_mult=[1,2]", "model.num_blocks=1",
@@ -170,7 +170,7 @@ def test_async_save_commits_every_checkpoint_and_resumes(tmp_path):
     run_dir = tmp_path / "run"
     run = train(tiny_cfg(run_dir, "train.total_steps=3", "train.ckpt_every=1", "train.keep_last=5",
                          "parallel.async_save=true", "train.max_steps_this_run=2"))
-    assert run.step == 2 and run.pending_save is None
+    assert run.step == 2 and run.ckpt.pending is None
     assert CheckpointManager(Storage(str(run_dir))).complete_steps() == [1, 2]
     run = train(tiny_cfg(run_dir, "train.total_steps=3", "train.ckpt_every=1", "train.keep_last=5",
                          "parallel.async_save=true"))

@@ -59,9 +59,9 @@ def step(run, data, poison_rank: int | None = None):
     if run.backend.rank == poison_rank:
         x, y = batches[0]
         batches[0] = (torch.full_like(x, float("nan")), y)
-    result = train_step(run.backend, batches, run.step, run.cfg)
+    result = train_step(run.backend, run.objective, batches, run.step, run.cfg.train.seed)
     apply_or_skip(run, result, PreemptionFlag(signals=()))
-    run.step += 1
+    run.progress.step += 1
     return result
 
 
@@ -100,7 +100,7 @@ def check(name: str, overrides: list, out_dir: str) -> dict:
     result = step(run, data, poison_rank=1)
     rec["poisoned_local_loss_finite"] = bool(torch.isfinite(result.loss))
     rec["skip_change"] = max_change(w1, snapshot(run))
-    rec["nonfinite_total"] = run.nonfinite_total
+    rec["nonfinite_total"] = run.progress.nonfinite_total
     step(run, data)
     w3 = snapshot(run)
     rec["after_skip_change"] = max_change(w1, w3)

@@ -1,4 +1,5 @@
-"""Find a checkpoint (or an exported .safetensors) and rebuild its model with the EMA weights."""
+"""Reading a checkpoint outside a run (sample, export, evaluate): find the newest complete one (or an exported
+.safetensors) and rebuild its model with the EMA weights. Any checkpoint layout ever written is read."""
 from __future__ import annotations
 
 import io
@@ -8,14 +9,16 @@ import safetensors.torch
 import torch
 from omegaconf import OmegaConf
 
-from ict_scale.checkpoint import COMMIT, CheckpointManager, Storage
 from ict_scale.config import load_config
 from ict_scale.data import StorageError
 from ict_scale.data import storage as data_storage
 from ict_scale.errors import UserError
 from ict_scale.parallel import dcp_io
+from ict_scale.train.model import build_model
 
-from .model import build_model
+from .layout import CONFIG, TRAINER_STATE, checkpoint_verifier
+from .manager import COMMIT, CheckpointManager
+from .storage import Storage
 
 
 class CheckpointNotFound(UserError, FileNotFoundError):
@@ -28,7 +31,6 @@ class ExportedModelMismatch(UserError, ValueError):
 
 def resolve_checkpoint(path: str, storage_options: dict | None = None) -> str:
     """A complete checkpoint URL from a run dir (newest complete) or a checkpoint dir (must be complete)."""
-    from .run import checkpoint_verifier
     path = path.rstrip("/")
     storage = Storage(path, storage_options)
     if storage.exists(COMMIT):
@@ -36,7 +38,7 @@ def resolve_checkpoint(path: str, storage_options: dict | None = None) -> str:
         if problems:
             raise CheckpointNotFound(f"{path} is marked complete but is not: {'; '.join(problems[:5])}")
         return path
-    if storage.exists("trainer_state.pt"):
+    if storage.exists(TRAINER_STATE):
         raise CheckpointNotFound(f"{path} is an incomplete checkpoint (no {COMMIT} marker): its save was interrupted")
     ckpts = CheckpointManager(storage, verify=checkpoint_verifier(storage))
     step = ckpts.newest_good(report=lambda note: print(note, file=sys.stderr))
@@ -83,7 +85,7 @@ def load_ema_model(path: str, device="cpu", storage_options: dict | None = None)
     except Exception as e:  # nothing but storage access above: no credentials, no endpoint, bad options
         raise StorageError(f"{path}: {data_storage.describe(e)}") from e
     store = Storage(ckpt, storage_options)
-    cfg = _run_config(store.read_bytes("config.yaml"))
+    cfg = _run_config(store.read_bytes(CONFIG))
     model = build_model(cfg)
     ema = {n: torch.empty_like(p, dtype=torch.float32) for n, p in model.named_parameters()}
     dcp_io.load_ema(ckpt, ema, storage_options)
